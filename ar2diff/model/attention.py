@@ -1,0 +1,76 @@
+"""The one TiDAR attention predicate, compiled to a dense mask (SDPA/eager, CPU) or a flex BlockMask (accelerators).
+
+`can_attend` is the single source of truth (DESIGN.md, "Objective"): a clean query sees earlier-or-equal clean
+tokens of its document (causal); a draft query sees the clean tokens of its document before its block's first
+position plus every draft token of its own block; nothing crosses a document. Both compiled forms evaluate this same
+function, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ar2diff.model.layout import TokenMeta
+
+
+def can_attend(q: TokenMeta, k: TokenMeta) -> torch.Tensor:
+    """Whether query q may attend key k; works elementwise on any broadcastable TokenMeta tensors."""
+    same_doc = q.doc == k.doc
+    visible_clean = ~k.is_draft & (k.pos < q.ctx)
+    same_block = q.is_draft & k.is_draft & (q.block == k.block)
+    return same_doc & (visible_clean | same_block)
+
+
+def _index(meta: TokenMeta, b, i) -> TokenMeta:
+    return TokenMeta(*(getattr(meta, f)[b, i] for f in TokenMeta.fields()))
+
+
+def mask_mod(q_meta: TokenMeta, k_meta: TokenMeta):
+    """A flex-attention `mask_mod(b, h, q_idx, kv_idx)` evaluating `can_attend` on the given records.
+
+    q_meta is (B, Q) for the queries of this forward, k_meta is (B, K) for every key (cache + this forward).
+    """
+
+    def mod(b, h, q_idx, kv_idx):
+        return can_attend(_index(q_meta, b, q_idx), _index(k_meta, b, kv_idx))
+
+    return mod
+
+
+def dense_mask(q_meta: TokenMeta, k_meta: TokenMeta | None = None) -> torch.Tensor:
+    """Boolean (B, 1, Q, K) mask, True = attend, from the same predicate (for SDPA; see `attention_mask_for`)."""
+    k_meta = q_meta if k_meta is None else k_meta
+    q = TokenMeta(*(getattr(q_meta, f)[:, :, None] for f in TokenMeta.fields()))
+    k = TokenMeta(*(getattr(k_meta, f)[:, None, :] for f in TokenMeta.fields()))
+    return can_attend(q, k)[:, None]
+
+
+def block_mask(q_meta: TokenMeta, k_meta: TokenMeta | None = None, block_size: int = 128):
+    """A flex-attention BlockMask of the same predicate (accelerators; torch 2.13 has no flex backward on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    k_meta = q_meta if k_meta is None else k_meta
+    B, Q = q_meta.doc.shape
+    K = k_meta.doc.shape[1]
+    return create_block_mask(mask_mod(q_meta, k_meta), B, None, Q, K, device=q_meta.doc.device,
+                             BLOCK_SIZE=block_size)
+
+
+def attention_mask_for(impl: str, q_meta: TokenMeta, k_meta: TokenMeta | None = None,
+                       dtype: torch.dtype = torch.float32):
+    """The mask in the form the model's attention implementation takes.
+
+    SDPA takes the boolean mask. Eager adds the mask to the scores, so a boolean there would silently give wrong
+    logits: it gets an additive float mask instead. Flex takes a BlockMask.
+    """
+    if impl == "sdpa":
+        return dense_mask(q_meta, k_meta)
+    if impl == "eager":
+        allowed = dense_mask(q_meta, k_meta)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    if impl == "flex_attention":
+        return block_mask(q_meta, k_meta)
+    raise ValueError(
+        f"attention implementation {impl!r} is not supported by the TiDAR mask; use one of "
+        "'sdpa' (CPU and accelerators), 'flex_attention' (accelerators) or 'eager'")

@@ -1,0 +1,81 @@
+"""The one TiDAR predicate: its rules by hand, dense vs flex BlockMask, flex forward vs SDPA forward."""
+
+import pytest
+import torch
+
+from ar2diff.model import TidarLM, block_mask, build_tidar_layout, dense_mask
+from tiny import MASK_ID, tiny_model
+
+
+def reference_mask(S: int, B: int, doc_ids: list[int]) -> torch.Tensor:
+    """DESIGN.md's rules written out with loops, independent of TokenMeta."""
+    pos, start = [], {}
+    for i, d in enumerate(doc_ids):
+        start.setdefault(d, i)
+        pos.append(i - start[d])
+    allowed = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+    for q in range(2 * S):
+        for k in range(2 * S):
+            qi, ki = q % S, k % S
+            if doc_ids[qi] != doc_ids[ki]:
+                continue
+            if q < S and k < S:
+                allowed[q, k] = pos[ki] <= pos[qi]
+            elif q >= S and k < S:
+                allowed[q, k] = pos[ki] < pos[qi] - pos[qi] % B
+            elif q >= S and k >= S:
+                allowed[q, k] = pos[ki] // B == pos[qi] // B
+    return allowed
+
+
+@pytest.mark.parametrize("block_size,docs", [(4, [0] * 10), (3, [0] * 5 + [1] * 6), (64, [0] * 70), (5, [0] * 7)])
+def test_dense_mask_follows_the_design_rules(block_size, docs):
+    S = len(docs)
+    layout = build_tidar_layout(torch.zeros(1, S, dtype=torch.long), MASK_ID, block_size,
+                                doc_ids_BS=torch.tensor([docs]))
+    assert torch.equal(dense_mask(layout.meta)[0, 0], reference_mask(S, block_size, docs))
+
+
+@pytest.mark.parametrize("block_size,S", [(4, 37), (16, 200), (7, 130)])
+def test_flex_block_mask_is_the_same_predicate(block_size, S):
+    doc_ids = torch.tensor([[0] * (S // 3) + [1] * (S - S // 3), [0] * S])
+    layout = build_tidar_layout(torch.zeros(2, S, dtype=torch.long), MASK_ID, block_size, doc_ids_BS=doc_ids)
+    dense = dense_mask(layout.meta)
+    bm = block_mask(layout.meta, block_size=32)
+    L = 2 * S
+    q = torch.arange(L)[:, None].expand(L, L)
+    k = torch.arange(L)[None, :].expand(L, L)
+    for b in range(2):
+        from_flex = bm.mask_mod(torch.tensor(b), torch.tensor(0), q, k)
+        assert torch.equal(from_flex, dense[b, 0])
+        # the block-sparsity structure never drops an allowed pair: a (q-block, k-block) tile with any allowed pair
+        # is listed as partial or full
+        tiles = bm.to_dense()[b, 0].bool()
+        nq, nk = tiles.shape
+        for i in range(nq):
+            for j in range(nk):
+                tile = dense[b, 0, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32]
+                assert bool(tile.any()) <= bool(tiles[i, j])
+
+
+@pytest.mark.slow
+def test_flex_forward_equals_sdpa_forward_on_cpu():
+    sdpa = tiny_model("qwen3", seed=2)
+    flex = tiny_model("qwen3", seed=2, attn="flex_attention")
+    ids = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
+    with torch.no_grad():
+        a = TidarLM(sdpa, MASK_ID, 4)(ids, doc_ids=docs, return_logits=True)
+        b = TidarLM(flex, MASK_ID, 4)(ids, doc_ids=docs, return_logits=True)
+    torch.testing.assert_close(a.ar_logits, b.ar_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.diff_logits, b.diff_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_gets_an_additive_mask_and_matches_sdpa():
+    sdpa = tiny_model("llama", seed=3)
+    eager = tiny_model("llama", seed=3, attn="eager")
+    ids = torch.randint(3, MASK_ID, (1, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = TidarLM(sdpa, MASK_ID, 4)(ids, return_logits=True)
+        b = TidarLM(eager, MASK_ID, 4)(ids, return_logits=True)
+    torch.testing.assert_close(a.diff_logits, b.diff_logits, rtol=1e-5, atol=1e-5)
