@@ -1,0 +1,116 @@
+"""Typed data configuration: sources, packing length, held-out split, tokenizer, cache.
+
+Plain dataclasses only (Hydra builds them as structured configs); `validate()` is called once at
+start-up and raises ValueError naming the bad key and how to fix it.
+"""
+from dataclasses import dataclass, field
+
+SOURCE_KINDS = ("stdlib", "files", "hub")
+FORMATS = ("jsonl", "parquet", "text", "auto")
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a weighted mixture.
+
+    kind="stdlib": the running interpreter's standard-library `.py` files; `path` is an optional
+        fnmatch filter on their relative paths (e.g. "json/*"), "" means every file.
+    kind="files": local files; `path` is a file, a directory (every file in it) or a glob.
+    kind="hub": a Hugging Face hub dataset name loaded with `datasets.load_dataset(path, split=split)`.
+    `weight` is this source's share of sampled training rows (tokens), relative to the other sources.
+    `sample_by` (text files only): one document per file, per blank-line paragraph, or per line.
+    `max_docs` keeps the first N records of the source (quick runs and debugging).
+    """
+
+    kind: str = "stdlib"
+    path: str = ""
+    format: str = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    weight: float = 1.0
+    split: str = "train"
+    name: str | None = None
+    sample_by: str = "document"
+    max_docs: int | None = None
+
+    def display_name(self) -> str:
+        """The name used in logs, stats and cache folders."""
+        if self.name:
+            return self.name
+        if self.kind == "stdlib":
+            return "stdlib"
+        return self.path.rstrip("/").replace("\\", "/").split("/")[-1] or self.kind
+
+
+@dataclass
+class DataConfig:
+    """Everything the data pipeline needs; every field can be overridden from the command line.
+
+    heldout_fraction: share of documents (stdlib: of files) held out, chosen by a hash of the document
+        (stdlib: of the file's relative path), so the split is the same on every run and machine.
+    chat: format records as chat (SFT): loss only on assistant responses.
+    max_doc_tokens: documents longer than this (counted with their EOS) are skipped and counted as
+        "too_long"; skipping (not truncating) keeps SFT responses whole. None: no limit.
+    tokenizer_path: a local Hugging Face tokenizer folder; None trains (and caches) a byte-level BPE
+        of `bpe_vocab_size` ids on the train split of the stdlib corpus.
+    bpe_max_bytes: train the BPE on at most this many bytes of that corpus (tests, quick runs).
+    cache_dir: where the tokenizer, the packed rows and the intermediate datasets files are kept.
+    """
+
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    seq_len: int = 2048
+    heldout_fraction: float = 0.02
+    seed: int = 0
+    chat: bool = False
+    max_doc_tokens: int | None = None
+    tokenizer_path: str | None = None
+    bpe_vocab_size: int = 8192
+    bpe_max_bytes: int | None = None
+    cache_dir: str = "~/.cache/ar2diff/data"
+
+    def validate(self) -> "DataConfig":
+        """Raise ValueError naming the first bad key; return self so calls can chain."""
+        if not self.sources:
+            raise ValueError("data.sources is empty: list at least one source (e.g. kind: stdlib)")
+        names = []
+        for i, src in enumerate(self.sources):
+            _validate_source(src, f"data.sources[{i}]", self.chat)
+            names.append(src.display_name())
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"data.sources: names {dup} are used twice; give each source a distinct `name`")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        if self.seed < 0:
+            raise ValueError(f"data.seed={self.seed} must be >= 0")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"data.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
+            raise ValueError(f"data.max_doc_tokens={self.max_doc_tokens} must be >= 1 or null (no limit)")
+        if self.tokenizer_path is None and self.bpe_vocab_size < 300:
+            raise ValueError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 300 (256 bytes + specials)")
+        if self.bpe_max_bytes is not None and self.bpe_max_bytes < 1:
+            raise ValueError(f"data.bpe_max_bytes={self.bpe_max_bytes} must be >= 1 or null (whole corpus)")
+        if not self.cache_dir:
+            raise ValueError("data.cache_dir is empty: give a writable folder")
+        return self
+
+
+def _validate_source(src: SourceConfig, key: str, chat: bool) -> None:
+    if src.kind not in SOURCE_KINDS:
+        raise ValueError(f"{key}.kind={src.kind!r} must be one of {SOURCE_KINDS}")
+    if src.format not in FORMATS:
+        raise ValueError(f"{key}.format={src.format!r} must be one of {FORMATS}")
+    if src.sample_by not in SAMPLE_BY:
+        raise ValueError(f"{key}.sample_by={src.sample_by!r} must be one of {SAMPLE_BY}")
+    if src.kind in ("files", "hub") and not src.path:
+        raise ValueError(f"{key}.path is empty: give a file/glob (kind=files) or a dataset name (kind=hub)")
+    if not src.weight > 0:
+        raise ValueError(f"{key}.weight={src.weight} must be > 0")
+    if src.max_docs is not None and src.max_docs < 1:
+        raise ValueError(f"{key}.max_docs={src.max_docs} must be >= 1 or null")
+    if chat and src.kind == "stdlib":
+        raise ValueError(f"{key}.kind=stdlib has no chat messages but data.chat=true; use kind files/hub")
+    if chat and src.format == "text":
+        raise ValueError(f"{key}.format=text has no chat messages but data.chat=true; use jsonl/parquet")
