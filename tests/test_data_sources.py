@@ -140,3 +140,22 @@ def test_missing_files_name_the_key(cache):
     cfg = _cfg(cache, [SourceConfig(kind="files", path="/nonexistent/*.jsonl")])
     with pytest.raises(ValueError, match=r"data\.sources\[0\]\.path"):
         load_packed(cfg, get_tokenizer(cfg), "train")
+
+
+def test_stdlib_chat_records_are_functions_with_their_docstrings(tmp_path):
+    """The quickstart's SFT source: one conversation per documented stdlib function, split by file."""
+    from ar2diff.data.config import DataConfig, SourceConfig
+    from ar2diff.data.sources import read_records
+
+    src = SourceConfig(kind="stdlib_chat", path="json/*")
+    cfg = DataConfig(sources=[src], chat=True, cache_dir=str(tmp_path)).validate()
+    ds = read_records(src, cfg)
+    good = [r for r in ds if r["reason"] == ""]
+    assert good and all(r["key"].startswith("json/") for r in good)
+    dumps = [r for r in good if "json.dumps(" in r["messages"][0]["content"]]
+    assert len(dumps) == 1
+    user, assistant = dumps[0]["messages"]
+    assert user["role"] == "user" and assistant["role"] == "assistant"
+    assert assistant["content"].startswith("def dumps(") and "Serialize ``obj``" in user["content"]
+    with pytest.raises(ValueError, match="kind=stdlib_chat yields chat records"):
+        DataConfig(sources=[src], chat=False).validate()

@@ -5,7 +5,7 @@ start-up and raises ValueError naming the bad key and how to fix it.
 """
 from dataclasses import dataclass, field
 
-SOURCE_KINDS = ("stdlib", "files", "hub")
+SOURCE_KINDS = ("stdlib", "stdlib_chat", "files", "hub")
 FORMATS = ("jsonl", "parquet", "text", "auto")
 SAMPLE_BY = ("document", "paragraph", "line")
 
@@ -17,6 +17,8 @@ class SourceConfig:
     kind="stdlib": the running interpreter's standard-library `.py` files; `path` is an optional
         fnmatch filter on their relative paths (e.g. "json/*"), "" means every file.
     kind="files": local files; `path` is a file, a directory (every file in it) or a glob.
+    kind="stdlib_chat": chat records made from the stdlib's documented functions (data/stdlib_chat.py): the
+        quickstart's SFT data; needs data.chat=true. `path` filters files as for stdlib.
     kind="hub": a Hugging Face hub dataset name loaded with `datasets.load_dataset(path, split=split)`.
     `weight` is this source's share of sampled training rows (tokens), relative to the other sources.
     `sample_by` (text files only): one document per file, per blank-line paragraph, or per line.
@@ -110,6 +112,8 @@ def _validate_source(src: SourceConfig, key: str, chat: bool) -> None:
         raise ValueError(f"{key}.weight={src.weight} must be > 0")
     if src.max_docs is not None and src.max_docs < 1:
         raise ValueError(f"{key}.max_docs={src.max_docs} must be >= 1 or null")
+    if src.kind == "stdlib_chat" and not chat:
+        raise ValueError(f"{key}.kind=stdlib_chat yields chat records; set data.chat=true")
     if chat and src.kind == "stdlib":
         raise ValueError(f"{key}.kind=stdlib has no chat messages but data.chat=true; use kind files/hub")
     if chat and src.format == "text":

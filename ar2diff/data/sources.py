@@ -144,12 +144,26 @@ def stdlib_corpus(split: str = "train", heldout_fraction: float = 0.02, pattern:
     return ds.remove_columns("reason").rename_column("key", "path")
 
 
-def _read_stdlib(pattern: str, cache_dir: str) -> datasets.Dataset:
+def _stdlib_chat_gen(rels: list[str], fingerprint: str):
+    from .stdlib_chat import chat_records
+
+    for rel in rels:
+        text, reason = read_stdlib_file(rel)
+        if reason:
+            yield {"messages": [], "key": rel, "reason": reason}
+            continue
+        for messages, reason in chat_records(rel, text):
+            yield {"messages": messages or [], "key": rel, "reason": reason}
+
+
+def _read_stdlib(pattern: str, cache_dir: str, chat: bool = False) -> datasets.Dataset:
+    """The stdlib as text documents (one per file) or as chat records (stdlib_chat.py), keyed by file."""
     rels = stdlib_files(pattern)
     if not rels:
         raise ValueError(f"stdlib source path filter {pattern!r} matches no file under {stdlib_root()}")
     return datasets.Dataset.from_generator(
-        _stdlib_gen, features=TEXT_FEATURES, cache_dir=str(cache_root(cache_dir) / "hf"),
+        _stdlib_chat_gen if chat else _stdlib_gen, features=CHAT_FEATURES if chat else TEXT_FEATURES,
+        cache_dir=str(cache_root(cache_dir) / "hf"),
         gen_kwargs={"rels": rels, "fingerprint": files_fingerprint([stdlib_root() / r for r in rels])})
 
 
@@ -235,7 +249,7 @@ def _normalize(ds: datasets.Dataset, src: SourceConfig, chat: bool, key: str) ->
 # ---------------------------------------------------------------- entry point
 def source_fingerprint(src: SourceConfig, key: str = "data.sources[]") -> str:
     """Digest of the source's content where it can be had cheaply (files: stat; stdlib: stat + version)."""
-    if src.kind == "stdlib":
+    if src.kind in ("stdlib", "stdlib_chat"):
         return files_fingerprint([stdlib_root() / r for r in stdlib_files(src.path)])
     if src.kind == "files":
         return files_fingerprint(resolve_files(src.path, f"{key}.path"))
@@ -248,6 +262,8 @@ def read_records(src: SourceConfig, cfg: DataConfig, key: str = "data.sources[]"
     features = CHAT_FEATURES if cfg.chat else TEXT_FEATURES
     if src.kind == "stdlib":
         ds = _read_stdlib(src.path, cfg.cache_dir)
+    elif src.kind == "stdlib_chat":
+        ds = _read_stdlib(src.path, cfg.cache_dir, chat=True)
     elif src.kind == "hub":
         ds = _normalize(datasets.load_dataset(src.path, split=src.split), src, cfg.chat, key)
     else:
