@@ -1,0 +1,128 @@
+"""Typed settings of the DeepSpeed engine and the LR schedule (plain data: validated here, used in trainer/).
+
+`EngineConfig` is the `deepspeed` config group, `ScheduleConfig` the `schedule` group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+@dataclass
+class EngineConfig:
+    """How the model is trained across ranks; every field maps to one DeepSpeed or torch setting.
+
+    ``expert_parallel_size`` 1 is off; > 1 shards the experts of a supported HF MoE (Qwen3-MoE, Mixtral,
+    DeepSeek-V2/V3, ...) with DeepSpeed AutoEP across that many ranks. ``expert_grouped_mm`` None picks
+    ``torch._grouped_mm`` for the AutoEP experts except on CPU, where it falls back to a per-expert loop.
+    ``sequence_parallel_size`` is stored and validated; building an engine with it > 1 is not wired yet.
+    """
+
+    zero_stage: int = 1
+    precision: str = "bf16"
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    expert_parallel_size: int = 1
+    expert_grouped_mm: bool | None = None
+    activation_checkpointing: bool = False
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    sequence_parallel_size: int = 1
+
+    def validate(self, world_size: int) -> "EngineConfig":
+        """Raise ValueError naming the bad key (``deepspeed.<key>``) and the fix; returns self."""
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"deepspeed.precision={self.precision!r} must be one of {PRECISIONS}")
+        for key in ("micro_batch_size", "grad_accum_steps", "expert_parallel_size", "sequence_parallel_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"deepspeed.{key}={getattr(self, key)} must be >= 1")
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be >= 1")
+        if world_size % self.expert_parallel_size:
+            raise ValueError(f"deepspeed.expert_parallel_size={self.expert_parallel_size} must divide the world size "
+                             f"{world_size}; pick a divisor of the number of ranks")
+        if world_size % self.sequence_parallel_size:
+            raise ValueError(f"deepspeed.sequence_parallel_size={self.sequence_parallel_size} must divide the world "
+                             f"size {world_size}; pick a divisor of the number of ranks")
+        if self.expert_parallel_size > 1 and self.sequence_parallel_size > 1 and self.zero_stage == 3:
+            raise ValueError("deepspeed.sequence_parallel_size > 1 with deepspeed.expert_parallel_size > 1 needs "
+                             "deepspeed.zero_stage <= 2 (AutoEP on ZeRO-3 has no sequence parallelism)")
+        if self.grad_clip < 0:
+            raise ValueError(f"deepspeed.grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
+        if self.weight_decay < 0:
+            raise ValueError(f"deepspeed.weight_decay={self.weight_decay} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"deepspeed.betas={tuple(self.betas)} must be two numbers in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"deepspeed.eps={self.eps} must be > 0")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        return self
+
+    def dp_world_size(self, world_size: int) -> int:
+        """Ranks that see different data: sequence-parallel ranks share a sample, expert-parallel ranks do not."""
+        return world_size // self.sequence_parallel_size
+
+
+@dataclass
+class ScheduleConfig:
+    """LR schedule settings; ``warmup_steps`` (when set) overrides ``warmup_fraction``."""
+
+    name: str = "cosine"
+    lr: float = 1e-5
+    min_lr: float = 3e-6
+    warmup_fraction: float = 0.01
+    warmup_steps: int | None = None
+    decay_fraction: float = 0.1
+    decay_shape: str = "linear"
+
+    def validate(self, total_steps: int | None = None) -> "ScheduleConfig":
+        """Raise ValueError naming the bad key; with ``total_steps``, also check the phases fit in it."""
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name={self.name!r} is not one of {SCHEDULES}")
+        if not self.lr > 0:
+            raise ValueError(f"schedule.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"schedule.min_lr={self.min_lr} must be in [0, schedule.lr={self.lr}]")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"schedule.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0 (or null to use "
+                             "schedule.warmup_fraction)")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"schedule.decay_shape={self.decay_shape!r} is not one of {DECAY_SHAPES}")
+        if self.name == "wsd" and not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1] for the wsd schedule")
+        if total_steps is not None:
+            if total_steps < 1:
+                raise ValueError(f"total_steps={total_steps} must be >= 1 (check the token budget and batch size)")
+            used = warmup_steps(self, total_steps) + (decay_steps(self, total_steps) if self.name == "wsd" else 0)
+            if used > total_steps:
+                raise ValueError(f"schedule warmup ({warmup_steps(self, total_steps)} steps) plus decay "
+                                 f"({decay_steps(self, total_steps)} steps) exceed total_steps={total_steps}; "
+                                 "lower schedule.warmup_steps/warmup_fraction or schedule.decay_fraction")
+        return self
+
+
+def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
+    """Number of warmup steps: ``cfg.warmup_steps`` if set, else ``round(warmup_fraction * total_steps)``."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return round(cfg.warmup_fraction * total_steps)
+
+
+def decay_steps(cfg: ScheduleConfig, total_steps: int) -> int:
+    """Number of WSD decay steps at the end of training: ``round(decay_fraction * total_steps)``, at least 1."""
+    return max(1, round(cfg.decay_fraction * total_steps))
