@@ -1,0 +1,177 @@
+"""`python -m ar2diff.decode`: the reference decoder on an exported checkpoint folder.
+
+The folder is what `ar2diff.export` writes (config.json with `mask_token_id` and `tidar_block_size`, safetensors,
+tokenizer files). Prompts come from `--prompt` (repeatable) and/or `--prompts-file` (one JSON string per line).
+`--sampler ar` is the AR baseline, `lossless` / `mixing` the TiDAR decoder. Every bad input stops with a message
+naming the argument; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ar2diff.decode.ar import DecodeConfig, decode_ar, summarize
+from ar2diff.decode.tidar import TidarConfig, decode_tidar
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CliError(Exception):
+    """A bad argument or checkpoint, reported as one line and exit status 2."""
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0 = lossless, 1 = drafter logits), got {value}")
+    return value
+
+
+def _levels(text: str) -> str | tuple[int, ...]:
+    if text == "all":
+        return "all"
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"use 'all' or comma-separated acceptance levels like 4,7,10; got {text!r}") \
+            from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ar2diff.decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="exported checkpoint folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable)")
+    p.add_argument("--prompts-file", help="file with one JSON string (a prompt) per line")
+    p.add_argument("--sampler", choices=("ar", "lossless", "mixing"), default="lossless",
+                   help="ar: AR baseline; lossless: TiDAR, exactly the AR distribution; mixing: TiDAR logit mixing")
+    p.add_argument("--mix-weight", type=_unit_interval, default=None,
+                   help="mixing weight w in [0, 1] of the diffusion logits (required with --sampler mixing)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--drafter-temperature", type=float, default=None, help="default: --temperature")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--block-size", type=int, default=None, help="default: tidar_block_size of config.json")
+    p.add_argument("--levels", type=_levels, default="all", help="'all' or acceptance levels to draft, e.g. 4,7,10")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (ROCm builds use cuda too)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise CliError(f"--prompts-file {str(path)!r} does not exist")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CliError(f"--prompts-file {path}:{n} is not JSON ({e.msg}); write one JSON string per line") \
+                    from None
+            if not isinstance(text, str):
+                raise CliError(f"--prompts-file {path}:{n} holds a {type(text).__name__}, not a JSON string")
+            prompts.append(text)
+    if not prompts:
+        raise CliError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise CliError(f"prompt {i} is empty: every prompt needs some text")
+    return prompts
+
+
+def _mask_and_block(lm, tokenizer, args) -> tuple[int, int]:
+    config_file = Path(args.checkpoint) / "config.json"
+    mask_id = getattr(lm.config, "mask_token_id", None)
+    if mask_id is None:
+        raise CliError(f"{config_file} has no mask_token_id: this is not a TiDAR checkpoint (export one with "
+                       "python -m ar2diff.export), or use --sampler ar for AR decoding")
+    tok_mask = getattr(tokenizer, "mask_token_id", None)
+    if tok_mask is not None and tok_mask != mask_id:
+        raise CliError(f"{config_file} says mask_token_id={mask_id} but the tokenizer's mask token has id {tok_mask}; "
+                       "the checkpoint's tokenizer and config disagree")
+    block_size = args.block_size if args.block_size is not None else getattr(lm.config, "tidar_block_size", None)
+    if block_size is None:
+        raise CliError(f"{config_file} has no tidar_block_size; pass --block-size")
+    return int(mask_id), int(block_size)
+
+
+def _eos(lm, tokenizer, ignore: bool):
+    if ignore:
+        return None
+    eos = getattr(lm.generation_config, "eos_token_id", None) if getattr(lm, "generation_config", None) else None
+    eos = eos if eos is not None else lm.config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return tuple(eos) if isinstance(eos, list) else eos
+
+
+def run(args) -> dict:
+    """Load, decode, return the JSON-ready report (also what `--json` prints)."""
+    from transformers import AutoTokenizer
+
+    from ar2diff.model import TidarLM, load_model
+
+    texts = read_prompts(args)
+    if args.sampler == "mixing" and args.mix_weight is None:
+        raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
+    if args.sampler != "mixing" and args.mix_weight is not None:
+        raise CliError(f"--mix-weight applies only to --sampler mixing, not --sampler {args.sampler}")
+    lm = load_model(args.checkpoint, dtype=DTYPES[args.dtype]).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    prompts = [tokenizer.encode(text) for text in texts]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise CliError(f"prompt {i} ({texts[i]!r}) encodes to no tokens")
+    shared = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  eos_token_id=_eos(lm, tokenizer, args.ignore_eos), seed=args.seed)
+    if args.sampler == "ar":
+        cfg = DecodeConfig(**shared)
+        results = decode_ar(lm, prompts, cfg, tokenizer=tokenizer)
+    else:
+        mask_id, block_size = _mask_and_block(lm, tokenizer, args)
+        cfg = TidarConfig(**shared, block_size=block_size, levels=args.levels, sampler=args.sampler,
+                          mix_weight=args.mix_weight or 0.0, drafter_temperature=args.drafter_temperature)
+        results = decode_tidar(TidarLM(lm, mask_id, block_size), prompts, cfg, tokenizer=tokenizer)
+    return {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "settings": asdict(cfg),
+            "results": [dict(prompt=text, **r.to_json()) for text, r in zip(texts, results)],
+            "summary": summarize(results)}
+
+
+def print_report(report: dict) -> None:
+    for i, r in enumerate(report["results"]):
+        print(f"=== prompt {i}: {r['prompt']!r}")
+        print(r["text"])
+        print(f"--- {len(r['token_ids'])} tokens, {r['forwards']} forwards, "
+              f"{r['tokens_per_forward']:.2f} tokens/forward, stop: {r['stop']}, {r['wall_time_s']:.2f} s")
+    s = report["summary"]
+    print(f"=== {report['sampler']}: {s['tokens']} tokens in {s['forwards']} forwards = {s['tokens_per_forward']:.3f} "
+          f"tokens/forward; acceptance histogram {s['acceptance_histogram']}; {s['tokens_per_s']:.1f} tokens/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (CliError, ValueError, FileNotFoundError) as e:
+        print(f"python -m ar2diff.decode: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
