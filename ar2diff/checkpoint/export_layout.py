@@ -1,0 +1,312 @@
+"""The exported checkpoint: a transformers folder that loads with no ar2diff code.
+
+An export folder holds ``config.json`` (with ``mask_token_id`` and ``tidar_block_size``), safetensors
+weights (``model.safetensors`` or shards + ``model.safetensors.index.json``), ``generation_config.json``,
+the tokenizer (its ``mask_token`` is the token of ``mask_token_id``), ``ar2diff.json`` (metadata) and
+``ar2diff_export_complete.json`` (the completion marker: sizes of every file). It is written into
+``<dest>.tmp-<pid>`` and renamed onto ``dest`` only when complete.
+
+``save_run_assets`` writes what an export needs besides the weights (config, tokenizer, generation
+config, run metadata) to ``<ckpt_root>/hf/`` when training starts; ``python -m ar2diff.export`` turns a
+DeepSpeed checkpoint plus these assets into an export. No DeepSpeed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+METADATA_NAME = "ar2diff.json"
+EXPORT_MARKER_NAME = "ar2diff_export_complete.json"
+RUN_ASSETS_DIRNAME = "hf"
+RUN_METADATA_NAME = "ar2diff_run.json"
+BLOCK_SIZE_CONFIG_KEY = "tidar_block_size"
+
+
+def ar2diff_version() -> str:
+    try:
+        return importlib_metadata.version("ar2diff")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class ExportMetadata:
+    """What ``ar2diff.json`` records. Keys beyond the named fields are kept in ``extra``."""
+
+    mask_token_id: int
+    block_size: int
+    phase: str | None = None
+    recipe: str | None = None
+    tokens_seen: int | None = None
+    step: int | None = None
+    source_checkpoint: str | None = None
+    base_model: str | None = None
+    ar2diff_version: str = field(default_factory=ar2diff_version)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mask_token_id, int) or isinstance(self.mask_token_id, bool) or self.mask_token_id < 0:
+            raise ValueError(f"metadata mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"metadata block_size must be a positive int, got {self.block_size!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ExportMetadata":
+        """Named keys become fields, the rest go to ``extra``; missing required keys are named."""
+        if isinstance(values, ExportMetadata):
+            return copy.deepcopy(values)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = [k for k in ("mask_token_id", "block_size") if values.get(k) is None]
+        if missing:
+            raise ValueError(f"export metadata lacks {missing}: pass them in the metadata dict")
+        known = {k: v for k, v in values.items() if k in names}
+        extra = {**values.get("extra", {}), **{k: v for k, v in values.items() if k not in names and k != "extra"}}
+        return cls(**known, extra=extra)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Flat JSON object: extras first, so they can never overwrite a named field."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**self.extra, **fields}
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def export_model(model: nn.Module, tokenizer, dest: str | os.PathLike, metadata: Mapping[str, Any] | ExportMetadata,
+                 state_dict: Mapping[str, torch.Tensor] | None = None, max_shard_size: int | str = "2GB", *,
+                 overwrite: bool = True) -> Path:
+    """Write the export folder ``dest`` from ``model``'s class/config/generation config, ``tokenizer``
+    and ``state_dict`` (default: ``model.state_dict()``; pass the consolidated weights for ZeRO-3).
+
+    The weights are loaded strictly into a fresh meta-device copy of the model, so a missing or
+    unexpected key fails here, tied embeddings stay tied and the saved dtype is the state dict's.
+    The tokenizer and config are copied, never modified. Returns ``dest``.
+    """
+    meta = ExportMetadata.from_mapping(metadata)
+    model = _unwrap(model)
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"export destination {dest} exists; remove it or pass overwrite=True (--overwrite)")
+    skeleton = build_loaded_skeleton(type(model), model.config, state_dict if state_dict is not None
+                                     else model.state_dict())
+    skeleton.config.mask_token_id = meta.mask_token_id
+    setattr(skeleton.config, BLOCK_SIZE_CONFIG_KEY, meta.block_size)
+    if getattr(model, "generation_config", None) is not None:
+        skeleton.generation_config = copy.deepcopy(model.generation_config)
+    tokenizer = _with_mask_token(tokenizer, meta.mask_token_id, skeleton.config)
+
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        skeleton.save_pretrained(tmp, state_dict=skeleton.state_dict(), max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_NAME).write_text(json.dumps(meta.to_json_dict(), indent=2, sort_keys=True))
+        _write_marker(tmp)
+        _replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+def build_loaded_skeleton(model_cls, config, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A ``model_cls`` built from a copy of ``config`` on the meta device, then given ``state_dict``'s
+    tensors (strict: missing/unexpected keys and shape mismatches raise, naming the keys).
+    Wrapper prefixes are stripped (``strip_wrapper_prefix``); a tied weight absent from the state dict
+    (e.g. ``lm_head.weight`` with tied embeddings) is taken from its source."""
+    with torch.device("meta"):
+        skeleton = model_cls._from_config(copy.deepcopy(config))
+    expected = set(skeleton.state_dict())
+    sd = strip_wrapper_prefix(state_dict, expected)
+    for target, source in (getattr(skeleton, "all_tied_weights_keys", None) or {}).items():
+        if target not in sd and source in sd:
+            sd[target] = sd[source]
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match {model_cls.__name__} built from the config: missing keys "
+            f"{_head(missing)}, unexpected keys {_head(unexpected)}. Check that the config is the one the "
+            f"checkpoint was trained with (e.g. resized vocab, layer count) and that no wrapper renamed params.")
+    try:
+        skeleton.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"state dict does not fit {model_cls.__name__} built from the config: {err}") from err
+    skeleton.tie_weights()
+    return skeleton
+
+
+def strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Keys without the prefix that wrappers add around the transformers model: ``module.`` (DDP,
+    DeepSpeed) and the attribute path of a wrapping module (e.g. ``lm.`` of ar2diff's TidarLM).
+    The prefix is the part before the longest dotted suffix of a key that is an ``expected`` key;
+    keys without that prefix are kept as they are (and reported as unexpected by the strict load)."""
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if not sd or any(k in expected for k in sd):
+        return sd
+    for key in sd:
+        parts = key.split(".")
+        prefix = next((".".join(parts[:i]) + "." for i in range(1, len(parts)) if ".".join(parts[i:]) in expected),
+                      None)
+        if prefix is not None:
+            return {k.removeprefix(prefix): v for k, v in sd.items()}
+    return sd
+
+
+def _head(keys: list[str], n: int = 8) -> str:
+    return "[]" if not keys else f"{keys[:n]}" + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside wrappers that keep it as ``.module`` (DeepSpeedEngine, DDP)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise TypeError(f"export_model needs a transformers PreTrainedModel, got {type(model).__name__}")
+    return model
+
+
+def _with_mask_token(tokenizer, mask_token_id: int, config) -> Any:
+    """A copy of ``tokenizer`` whose mask_token is the token with id ``mask_token_id``."""
+    if tokenizer is None:
+        raise ValueError("export_model needs the tokenizer (the export must carry its mask_token)")
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and mask_token_id >= vocab_size:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the model vocab (config.vocab_size={vocab_size})")
+    token = tokenizer.convert_ids_to_tokens(mask_token_id)
+    if token is None:
+        raise ValueError(f"mask_token_id {mask_token_id} is not in the tokenizer ({len(tokenizer)} tokens)")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.mask_token = token
+    if tokenizer.mask_token_id != mask_token_id:
+        raise ValueError(f"tokenizer maps mask token {token!r} back to id {tokenizer.mask_token_id}, not "
+                         f"{mask_token_id}: the token string is ambiguous in this tokenizer")
+    return tokenizer
+
+
+def _write_marker(folder: Path) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / EXPORT_MARKER_NAME).write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Rename ``src`` onto ``dest``; an existing ``dest`` is moved aside first and then deleted (its
+    marker first), so at no moment does an incomplete folder sit at ``dest``."""
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+    os.replace(dest, old)
+    os.replace(src, dest)
+    (old / EXPORT_MARKER_NAME).unlink(missing_ok=True)
+    shutil.rmtree(old)
+
+
+# -------------------------------------------------------------------------------------- reading
+
+
+def _check_export(folder: Path) -> str:
+    """'' if ``folder`` is a complete export, else why not."""
+    if not folder.is_dir():
+        return f"{folder} does not exist or is not a folder"
+    if not (folder / METADATA_NAME).is_file():
+        return (f"{folder} has no {METADATA_NAME}: it is not an ar2diff export "
+                f"(create one with python -m ar2diff.export)")
+    marker = folder / EXPORT_MARKER_NAME
+    if not marker.is_file():
+        return f"{folder} has no {EXPORT_MARKER_NAME}: the export was interrupted; export it again"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"{marker} is unreadable ({err}); export it again"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is missing or has the wrong size; export it again"
+    return ""
+
+
+def is_complete_export(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` holds metadata, the completion marker, and every file the marker lists."""
+    return _check_export(Path(folder)) == ""
+
+
+def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``ar2diff.json`` dict of a complete export; raises FileNotFoundError / ValueError saying why not."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"export folder {folder} does not exist")
+    reason = _check_export(folder)
+    if reason:
+        raise ValueError(reason)
+    return json.loads((folder / METADATA_NAME).read_text())
+
+
+# ------------------------------------------------------------------------------------ run assets
+
+
+def save_run_assets(ckpt_root: str | os.PathLike, model_config, tokenizer, metadata: Mapping[str, Any],
+                    generation_config=None) -> Path:
+    """Write ``<ckpt_root>/hf/``: ``config.json`` (the model's config as trained, e.g. with the
+    resized vocab), tokenizer files, ``generation_config.json`` if given, and ``ar2diff_run.json``
+    (``metadata``: at least mask_token_id and block_size; phase, recipe, base_model…).
+
+    The trainer calls this once per run on one process (global rank 0) before the first checkpoint;
+    ``python -m ar2diff.export`` rebuilds the model from it. Written atomically; rewriting replaces it.
+    """
+    meta = ExportMetadata.from_mapping(metadata)
+    dest = Path(ckpt_root) / RUN_ASSETS_DIRNAME
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model_config.save_pretrained(tmp)
+        _with_mask_token(tokenizer, meta.mask_token_id, model_config).save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        run_meta = {k: v for k, v in meta.to_json_dict().items() if v is not None}
+        (tmp / RUN_METADATA_NAME).write_text(json.dumps(run_meta, indent=2, sort_keys=True))
+        _replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+@dataclass
+class RunAssets:
+    """What ``load_run_assets`` returns: transformers config, tokenizer, generation config (or None)
+    and the run metadata dict (None when the folder is a plain model folder without ar2diff_run.json)."""
+
+    config: Any
+    tokenizer: Any
+    generation_config: Any
+    metadata: dict[str, Any] | None
+
+
+def load_run_assets(folder: str | os.PathLike) -> RunAssets:
+    """Read a ``save_run_assets`` folder, or any local transformers model folder (config + tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a saved model/run-assets folder")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    gen = (GenerationConfig.from_pretrained(folder, local_files_only=True)
+           if (folder / "generation_config.json").is_file() else None)
+    meta_path = folder / RUN_METADATA_NAME
+    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    return RunAssets(config=config, tokenizer=tokenizer, generation_config=gen, metadata=metadata)

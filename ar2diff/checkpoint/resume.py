@@ -1,0 +1,382 @@
+"""DeepSpeed checkpoints for exact resume, written so that a crash never leaves one that looks complete.
+
+Layout under ``ckpt_root`` (every rank must see the same filesystem)::
+
+    step_00001000/              DeepSpeed files + rng_state_rank00000.pt ... + ar2diff_complete.json
+    step_00001000.partial/      a save in progress (or one that crashed): never loaded
+    latest                      DeepSpeed's pointer file ("step_00001000"), updated last, atomically
+    hf/                         model config + tokenizer + run metadata (export_layout.save_run_assets)
+
+A save goes to ``<tag>.partial``; after a barrier rank 0 writes the completion marker (step, world size,
+ZeRO stage, size + sha256 of every file), renames the folder to ``<tag>`` and only then rewrites
+``latest``. ``find_latest_complete`` trusts a folder only if its marker is present and the files still
+match the manifest, so a half-written or truncated checkpoint is never resumed from.
+
+DeepSpeed stores ``client_state`` once (rank 0's copy, inside the model-states file) and hands that same
+copy to every rank on load. Per-rank RNG states therefore go to per-rank files written here, restored
+by ``load_checkpoint``; put only rank-independent values (data position, tokens seen) in client_state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import deepspeed.comm as dist
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = "ar2diff_complete.json"
+LATEST_NAME = "latest"
+PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
+RNG_FILE = "rng_state_rank{rank:05d}.pt"
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+Verify = Literal["size", "hash"]
+
+
+def step_tag(step: int) -> str:
+    """The DeepSpeed tag of a step's checkpoint: ``step_00000042``."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    return f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A complete, verified checkpoint: ``root/tag`` with its parsed completion marker."""
+
+    root: Path
+    tag: str
+    step: int
+    marker: dict
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict:
+    """RNG states of python ``random``, numpy, torch CPU and the current accelerator device.
+
+    Tensors and plain python values only, so the result survives ``torch.load(weights_only=True)``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    accel = get_accelerator()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch_cpu": torch.get_rng_state(),
+        "accelerator": {"name": accel.device_name(), "state": accel.get_rng_state()},
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of ``capture_rng_state``. The accelerator part is skipped (with a warning) when the state
+    was captured on a different kind of accelerator, e.g. a CUDA run resumed on CPU."""
+    missing = {"python", "numpy", "torch_cpu", "accelerator"} - set(state)
+    if missing:
+        raise KeyError(f"RNG state lacks {sorted(missing)}; it must come from capture_rng_state()")
+    random.setstate(_as_python_rng_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch_cpu"])
+    accel = get_accelerator()
+    if state["accelerator"]["name"] == accel.device_name():
+        accel.set_rng_state(state["accelerator"]["state"])
+    else:
+        log.warning("RNG state was captured on accelerator %r, now running on %r: accelerator RNG not restored",
+                    state["accelerator"]["name"], accel.device_name())
+
+
+def _as_python_rng_state(value: Any) -> tuple:
+    """random.setstate needs nested tuples; a state that went through a list-producing format is fixed."""
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+# ------------------------------------------------------------------------------------- manifest
+
+
+def _list_files(folder: Path) -> list[str]:
+    """Relative paths of every file under ``folder`` except the marker, sorted."""
+    out = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(name for name in out if name != MARKER_NAME)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict | str) -> None:
+    """Write to ``path.tmp-<pid>``, fsync, then os.replace: readers see the old file or the new one."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    text = payload if isinstance(payload, str) else json.dumps(payload, indent=2, sort_keys=True)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_manifest(tag_dir: Path, verify: Verify = "size") -> tuple[dict | None, str]:
+    """(marker, "") if ``tag_dir`` holds a completion marker whose manifest matches the files on disk,
+    else (None, reason). ``verify="hash"`` also re-hashes every file (slow on big checkpoints)."""
+    marker_path = Path(tag_dir) / MARKER_NAME
+    if not marker_path.is_file():
+        return None, f"no completion marker {MARKER_NAME} (save interrupted or not an ar2diff checkpoint)"
+    try:
+        marker = json.loads(marker_path.read_text())
+        files = marker["files"]
+    except (ValueError, KeyError) as err:
+        return None, f"unreadable completion marker {marker_path}: {err}"
+    for name, entry in files.items():
+        path = Path(tag_dir) / name
+        if not path.is_file():
+            return None, f"file {name} listed in the manifest is missing"
+        if path.stat().st_size != entry["size"]:
+            return None, f"file {name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+        if verify == "hash" and entry.get("sha256") and _sha256(path) != entry["sha256"]:
+            return None, f"file {name} does not match its sha256 in the manifest"
+    return marker, ""
+
+
+# ---------------------------------------------------------------------------------- find / resolve
+
+
+def _step_dirs(root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every ``step_XXXXXXXX`` folder under root, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p.name) for p in root.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_latest_complete(ckpt_root: str | os.PathLike, *, verify: Verify = "size") -> CheckpointRef | None:
+    """The newest checkpoint under ``ckpt_root`` whose marker is present and whose manifest matches its
+    files; None if there is none (or the folder does not exist). Partial folders are never considered."""
+    root = Path(ckpt_root)
+    for step, tag in _step_dirs(root):
+        marker, reason = check_manifest(root / tag, verify)
+        if marker is not None:
+            return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
+        log.warning("skipping checkpoint %s: %s", root / tag, reason)
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None, *, verify: Verify = "size") -> CheckpointRef:
+    """A complete checkpoint from a checkpoint root (newest complete one, or ``tag``) or from a tag
+    folder itself. Raises FileNotFoundError / ValueError that name the path and what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint path {path} is a file; pass a checkpoint root or a step_XXXXXXXX folder")
+    is_tag_dir = (path / MARKER_NAME).exists() or TAG_RE.match(path.name) or path.name.endswith(PARTIAL_SUFFIX)
+    if is_tag_dir and tag is None:
+        root, tag = path.parent, path.name
+    else:
+        root = path
+    if tag is not None:
+        match = TAG_RE.match(tag)
+        marker, reason = check_manifest(root / tag, verify) if (root / tag).is_dir() else (None, "no such folder")
+        if marker is None or match is None:
+            reason = reason or "not a step_XXXXXXXX tag"
+            raise ValueError(f"checkpoint {root / tag} is not a complete ar2diff checkpoint: {reason}")
+        return CheckpointRef(root=root, tag=tag, step=int(match.group(1)), marker=marker)
+    ref = find_latest_complete(root, verify=verify)
+    if ref is None:
+        present = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+        raise ValueError(f"no complete checkpoint under {root} (step folders present: {present or 'none'}); "
+                         f"half-written saves lack {MARKER_NAME} and are never used")
+    return ref
+
+
+# ------------------------------------------------------------------------------------------- save
+
+
+def _run_on_rank0(fn, *args) -> Any:
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error (no rank hangs)."""
+    result: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            result = [fn(*args), None]
+        except Exception as err:  # re-raised on every rank below
+            result = [None, f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise RuntimeError(f"checkpoint step failed on rank 0: {result[1]}")
+    return result[0]
+
+
+def _hash_manifest(partial_dir: Path, hash_files: bool) -> dict:
+    """{name: {size, sha256}} for every file; hashing is shared out across ranks."""
+    names = _run_on_rank0(_list_files, partial_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: _sha256(partial_dir / n) for n in names[rank::world]} if hash_files else {}
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    digests = {k: v for part in gathered for k, v in part.items()}
+    return {n: {"size": (partial_dir / n).stat().st_size, "sha256": digests.get(n)} for n in names}
+
+
+def _client_summary(client_state: dict) -> dict:
+    """The JSON scalars of client_state (tokens_seen, data position…), copied into the marker so that
+    tools (export) read them without unpickling the model-states file."""
+    return {k: v for k, v in client_state.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_state: dict, *,
+                    keep_last: int | None = None, hash_files: bool = True) -> CheckpointRef:
+    """Save ``engine`` (module, optimizer, lr scheduler), ``client_state`` and every rank's RNG state as
+    ``ckpt_root/step_XXXXXXXX``, atomically (see module docstring). Call on every rank.
+
+    keep_last: after the save, delete all but the newest ``keep_last`` complete checkpoints older than
+    this one (this one is never deleted), plus stale ``.partial`` folders of other steps.
+    hash_files: record sha256 of each file (hashing is split across ranks); sizes are always recorded.
+    The JSON scalars at the top level of client_state (e.g. ``tokens_seen``) are also copied into the
+    marker, where ``python -m ar2diff.export`` reads them.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    if not isinstance(client_state, dict):
+        raise TypeError(f"client_state must be a dict, got {type(client_state).__name__}")
+    _check_engine_supported(engine)
+    root, tag = Path(ckpt_root), step_tag(step)
+    partial_dir = root / f"{tag}{PARTIAL_SUFFIX}"
+    _run_on_rank0(_prepare_partial_dir, partial_dir)
+
+    engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
+    torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
+    dist.barrier()
+
+    marker = {
+        "tag": tag, "step": step, "world_size": dist.get_world_size(),
+        "zero_stage": int(engine.zero_optimization_stage()), "expert_parallel": bool(engine.has_moe_layers),
+        "client_keys": sorted(client_state), "client_summary": _client_summary(client_state),
+        "files": _hash_manifest(partial_dir, hash_files),
+    }
+    _run_on_rank0(_commit, root, tag, marker, keep_last)
+    dist.barrier()
+    return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
+
+
+def _check_engine_supported(engine) -> None:
+    """The atomic commit needs every file on one shared filesystem, written when save_checkpoint returns."""
+    if engine.use_node_local_storage():
+        raise ValueError("DeepSpeed 'checkpoint.use_node_local_storage' is on: ar2diff checkpoints need one "
+                         "filesystem shared by all ranks (rank 0 verifies and renames the folder); turn it off")
+    if engine.checkpoint_engine.is_decoupled():
+        raise ValueError("a decoupled (asynchronous) DeepSpeed checkpoint engine is configured: files may still "
+                         "be in flight when the marker would be written; use the default synchronous engine")
+
+
+def _prepare_partial_dir(partial_dir: Path) -> None:
+    """Remove the leftovers of a crashed save of the same step, then create the folder."""
+    if partial_dir.exists():
+        shutil.rmtree(partial_dir)
+    partial_dir.mkdir(parents=True)
+
+
+def _commit(root: Path, tag: str, marker: dict, keep_last: int | None) -> None:
+    """Rank 0: marker, then rename ``.partial`` -> tag (replacing an older save of the same step), then
+    the ``latest`` pointer, then pruning. Each step leaves no folder that looks complete but is not."""
+    partial_dir, final_dir = root / f"{tag}{PARTIAL_SUFFIX}", root / tag
+    _write_json_atomic(partial_dir / MARKER_NAME, marker)
+    if final_dir.exists():
+        replaced = root / f"{tag}{REPLACED_SUFFIX}"
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.replace(final_dir, replaced)
+        os.replace(partial_dir, final_dir)
+        _remove_checkpoint_dir(replaced)
+    else:
+        os.replace(partial_dir, final_dir)
+    _write_json_atomic(root / LATEST_NAME, tag)
+    if keep_last is not None:
+        prune_checkpoints(root, keep_last, protect_tag=tag)
+
+
+def _remove_checkpoint_dir(folder: Path) -> None:
+    """Delete the marker first, so a crash mid-delete leaves a folder that is no longer 'complete'."""
+    (folder / MARKER_NAME).unlink(missing_ok=True)
+    shutil.rmtree(folder)
+
+
+def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int, *, protect_tag: str) -> list[str]:
+    """Delete complete checkpoints older than ``protect_tag`` beyond the newest ``keep_last`` (counting
+    ``protect_tag``), and ``.partial``/``.replaced`` leftovers of other steps. Returns deleted names.
+    Checkpoints newer than ``protect_tag`` (from an abandoned timeline) are kept, with a warning."""
+    root = Path(ckpt_root)
+    protect_step = int(TAG_RE.match(protect_tag).group(1))
+    complete = [(s, t) for s, t in _step_dirs(root) if (root / t / MARKER_NAME).is_file()]
+    newer = [t for s, t in complete if s > protect_step]
+    if newer:
+        log.warning("checkpoints newer than %s exist under %s (%s); find_latest_complete prefers them",
+                    protect_tag, root, newer)
+    older = [t for s, t in complete if s < protect_step]
+    doomed = older[max(keep_last - 1, 0):]
+    for tag in doomed:
+        _remove_checkpoint_dir(root / tag)
+    for leftover in root.iterdir():
+        name = leftover.name
+        base = name.removesuffix(PARTIAL_SUFFIX).removesuffix(REPLACED_SUFFIX)
+        if leftover.is_dir() and name != base and base != protect_tag and TAG_RE.match(base):
+            shutil.rmtree(leftover)
+            doomed.append(name)
+    return doomed
+
+
+# ------------------------------------------------------------------------------------------- load
+
+
+def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = None,
+                    restore_rng: bool = True, verify: Verify = "size") -> dict | None:
+    """Resume ``engine`` (module, optimizer and lr-scheduler states) from the newest complete
+    checkpoint under ``ckpt_root`` (or ``tag``) and restore this rank's RNG state. Returns the
+    client_state given to save_checkpoint, or None when there is no complete checkpoint (fresh start).
+    Call on every rank; rank 0 picks the checkpoint so that all ranks load the same one."""
+    root = Path(ckpt_root)
+
+    def pick() -> CheckpointRef | None:
+        if tag is not None:
+            return resolve_checkpoint(root, tag, verify=verify)
+        return find_latest_complete(root, verify=verify)
+
+    ref = _run_on_rank0(pick)
+    if ref is None:
+        return None
+    world, stage = dist.get_world_size(), int(engine.zero_optimization_stage())
+    if ref.marker["world_size"] != world or ref.marker["zero_stage"] != stage:
+        raise ValueError(
+            f"checkpoint {ref.path} was written by {ref.marker['world_size']} ranks with ZeRO stage "
+            f"{ref.marker['zero_stage']}; this run has {world} ranks and stage {stage}. Resume with the same "
+            f"world size and zero stage, or export it (python -m ar2diff.export) and start from the export.")
+    load_path, state = engine.load_checkpoint(str(root), tag=ref.tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ref.path}")
+    if restore_rng:
+        rng_path = ref.path / RNG_FILE.format(rank=dist.get_rank())
+        restore_rng_state(torch.load(rng_path, weights_only=True))
+    return {k: state[k] for k in ref.marker["client_keys"]}

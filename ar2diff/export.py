@@ -1,0 +1,147 @@
+"""``python -m ar2diff.export``: a DeepSpeed checkpoint (any ZeRO stage, any world size) to the exported
+transformers layout (see ar2diff/checkpoint/export_layout.py).
+
+    python -m ar2diff.export --checkpoint CKPT_ROOT_OR_TAG_DIR --out DEST [--tag step_...] [--base MODEL_DIR]
+
+Works offline on one process: DeepSpeed's own ``zero_to_fp32`` consolidates the fp32 master weights
+from the per-rank shards; the model is rebuilt (on the meta device) from the config the trainer saved
+under ``<ckpt_root>/hf/`` (``save_run_assets``), or from ``--base`` when that folder is missing.
+Not supported yet: expert-parallel (AutoEP) checkpoints, whose experts DeepSpeed stores per
+expert-parallel rank under AutoEP's own names (a clear error says so); they resume fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ar2diff.checkpoint.export_layout import (BLOCK_SIZE_CONFIG_KEY, RUN_ASSETS_DIRNAME, RUN_METADATA_NAME, RunAssets,
+                                              export_model, load_run_assets)
+from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a complete checkpoint, without a process group. ZeRO 1/2/3 go through
+    DeepSpeed's zero_to_fp32; stage 0 (no ZeRO) stores the whole module in the model-states file."""
+    if ref.marker.get("zero_stage", 1) == 0:
+        files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
+        if len(files) != 1:
+            raise ValueError(f"{ref.path}: expected one mp_rank_*_model_states.pt for a ZeRO-0 checkpoint, "
+                             f"found {[f.name for f in files]} (tensor/pipeline-parallel checkpoints are unsupported)")
+        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if ref.marker.get("expert_parallel") or any(ref.path.glob("layer_*_expert_*_model_states.pt")):
+        raise ValueError(f"{ref.path} is an expert-parallel (AutoEP / DeepSpeed MoE) checkpoint: its experts are "
+                         "stored per expert-parallel rank under AutoEP names, which zero_to_fp32 and this export do "
+                         "not convert yet. Export a run trained without expert parallelism.")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(f"DeepSpeed's zero_to_fp32 could not consolidate {ref.path}: {err}") from err
+
+
+def _assets(ref: CheckpointRef, base: str | None, block_size: int | None) -> tuple[RunAssets, dict]:
+    """Config/tokenizer (from ``--base`` or ``<root>/hf``) and the run metadata for ar2diff.json."""
+    run_dir = ref.root / RUN_ASSETS_DIRNAME
+    if base is None and not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} is missing: the trainer writes the model config and tokenizer there "
+            f"(save_run_assets). Pass --base MODEL_DIR to take them from a model folder instead.")
+    assets = load_run_assets(base if base is not None else run_dir)
+    run_meta_path = run_dir / RUN_METADATA_NAME
+    if assets.metadata is not None:
+        meta = dict(assets.metadata)
+    else:
+        meta = json.loads(run_meta_path.read_text()) if run_meta_path.is_file() else {}
+    if base is not None:
+        meta.setdefault("base_model", str(base))
+    if "mask_token_id" not in meta:
+        mask_id = getattr(assets.config, "mask_token_id", None)
+        meta["mask_token_id"] = mask_id if mask_id is not None else assets.tokenizer.mask_token_id
+    if block_size is not None:
+        meta["block_size"] = block_size
+    meta.setdefault("block_size", getattr(assets.config, BLOCK_SIZE_CONFIG_KEY, None))
+    for key, flag in (("mask_token_id", "the tokenizer's mask_token"), ("block_size", "--block-size")):
+        if meta[key] is None:
+            raise ValueError(f"cannot tell the {key} of this checkpoint: no {run_meta_path}; set {flag}")
+    return assets, meta
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tag: str | None = None,
+                      base: str | None = None, dtype: str = "auto", block_size: int | None = None,
+                      extra_metadata: dict | None = None, max_shard_size: str = "2GB", overwrite: bool = True) -> Path:
+    """Export a complete DeepSpeed checkpoint (a root: its newest complete step or ``tag``; or a step
+    folder) to ``out`` and return ``out``. Call on one process (the trainer: global rank 0 after the
+    final save_checkpoint, then a barrier). ``dtype="auto"`` saves in the dtype of the saved config
+    (float32 if it names none). ``extra_metadata`` is merged last into ar2diff.json (e.g. the trainer's
+    own ``step``/``tokens_seen``). ``overwrite=True`` replaces an existing export atomically."""
+    from transformers import AutoModelForCausalLM
+
+    ref = resolve_checkpoint(checkpoint, tag)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} exists; remove it or pass --overwrite")
+    assets, meta = _assets(ref, base, block_size)
+    state_dict = consolidated_state_dict(ref)
+    target = _resolve_dtype(dtype, assets.config)
+    state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(assets.config)
+    if assets.generation_config is not None:
+        model.generation_config = assets.generation_config
+    meta.pop("ar2diff_version", None)
+    meta.update(step=ref.step, tokens_seen=ref.marker.get("client_summary", {}).get("tokens_seen"),
+                source_checkpoint=str(ref.path.resolve()))
+    meta.update(extra_metadata or {})
+    return export_model(model, assets.tokenizer, out, meta, state_dict=state_dict,
+                        max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def _resolve_dtype(name: str, config) -> torch.dtype:
+    if name == "auto":
+        saved = getattr(config, "dtype", None)
+        saved = getattr(torch, saved) if isinstance(saved, str) else saved
+        return saved if saved in DTYPES.values() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ar2diff.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint root (newest complete step) or a step_* folder")
+    p.add_argument("--out", required=True, help="destination folder of the export")
+    p.add_argument("--tag", default=None, help="step_XXXXXXXX under the checkpoint root (default: newest complete)")
+    p.add_argument("--base", default=None, help="model folder to take config + tokenizer from if <root>/hf is missing")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="saved dtype (auto: the config's)")
+    p.add_argument("--block-size", type=int, default=None, help="TiDAR block size if no run metadata records it")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, base=args.base, dtype=args.dtype,
+                                     block_size=args.block_size, max_shard_size=args.max_shard_size,
+                                     overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"ar2diff.export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
