@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ar2diff.checkpoint.export_layout import (BLOCK_SIZE_CONFIG_KEY, RUN_ASSETS_DIRNAME, RUN_METADATA_NAME, RunAssets,
+from ar2diff.checkpoint.export_layout import (AR_PHASE, BLOCK_SIZE_CONFIG_KEY, RUN_ASSETS_DIRNAME, RUN_METADATA_NAME, RunAssets,
                                               export_model, load_run_assets)
 from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
 
@@ -71,7 +71,7 @@ def _assets(ref: CheckpointRef, base: str | None, block_size: int | None) -> tup
         meta["block_size"] = block_size
     meta.setdefault("block_size", getattr(assets.config, BLOCK_SIZE_CONFIG_KEY, None))
     for key, flag in (("mask_token_id", "the tokenizer's mask_token"), ("block_size", "--block-size")):
-        if meta[key] is None:
+        if meta[key] is None and not (key == "mask_token_id" and meta.get("phase") == AR_PHASE):
             raise ValueError(f"cannot tell the {key} of this checkpoint: no {run_meta_path}; set {flag}")
     return assets, meta
 

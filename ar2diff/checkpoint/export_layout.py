@@ -40,11 +40,17 @@ def ar2diff_version() -> str:
         return "unknown"
 
 
+AR_PHASE = "ar_pretrain"
+
+
 @dataclass
 class ExportMetadata:
-    """What ``ar2diff.json`` records. Keys beyond the named fields are kept in ``extra``."""
+    """What ``ar2diff.json`` records. Keys beyond the named fields are kept in ``extra``.
 
-    mask_token_id: int
+    An AR base (phase ``ar_pretrain``) has no mask token yet: its mask_token_id is None.
+    """
+
+    mask_token_id: int | None
     block_size: int
     phase: str | None = None
     recipe: str | None = None
@@ -56,7 +62,9 @@ class ExportMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.mask_token_id, int) or isinstance(self.mask_token_id, bool) or self.mask_token_id < 0:
+        if self.mask_token_id is None and self.phase == AR_PHASE:
+            pass
+        elif not isinstance(self.mask_token_id, int) or isinstance(self.mask_token_id, bool) or self.mask_token_id < 0:
             raise ValueError(f"metadata mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"metadata block_size must be a positive int, got {self.block_size!r}")
@@ -67,7 +75,8 @@ class ExportMetadata:
         if isinstance(values, ExportMetadata):
             return copy.deepcopy(values)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        missing = [k for k in ("mask_token_id", "block_size") if values.get(k) is None]
+        required = ("block_size",) if values.get("phase") == AR_PHASE else ("mask_token_id", "block_size")
+        missing = [k for k in required if values.get(k) is None]
         if missing:
             raise ValueError(f"export metadata lacks {missing}: pass them in the metadata dict")
         known = {k: v for k, v in values.items() if k in names}
@@ -177,10 +186,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _with_mask_token(tokenizer, mask_token_id: int, config) -> Any:
-    """A copy of ``tokenizer`` whose mask_token is the token with id ``mask_token_id``."""
+def _with_mask_token(tokenizer, mask_token_id: int | None, config) -> Any:
+    """A copy of ``tokenizer`` whose mask_token is the token with id ``mask_token_id`` (as is for an AR base)."""
     if tokenizer is None:
         raise ValueError("export_model needs the tokenizer (the export must carry its mask_token)")
+    if mask_token_id is None:
+        return tokenizer
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is not None and mask_token_id >= vocab_size:
         raise ValueError(f"mask_token_id {mask_token_id} is outside the model vocab (config.vocab_size={vocab_size})")

@@ -40,25 +40,35 @@ def check_attn_implementation(model_type: str, attn_implementation: str) -> None
         raise ValueError("olmoe has no flex attention in transformers; set model.attn_implementation=sdpa")
 
 
-def build_model(config: dict, attn_implementation: str = "sdpa", dtype=None, seed: int | None = None) -> nn.Module:
-    """A freshly initialised causal LM from a config dict (must contain `model_type`)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def make_config(config: dict):
+    """A transformers config from a plain dict that names its `model_type`."""
+    from transformers import AutoConfig
 
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
         raise ValueError("model config has no 'model_type'; add e.g. model_type: qwen3_moe")
     check_model_type(model_type)
-    check_attn_implementation(model_type, attn_implementation)
-    hf_config = AutoConfig.for_model(model_type, **config)
+    return AutoConfig.for_model(model_type, **config)
+
+
+def build_model(config, attn_implementation: str = "sdpa", dtype=None, seed: int | None = None) -> nn.Module:
+    """A freshly initialised causal LM from a config dict (with `model_type`) or a transformers config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_config = make_config(config) if isinstance(config, dict) else config
+    check_model_type(hf_config.model_type)
+    check_attn_implementation(hf_config.model_type, attn_implementation)
     if seed is not None:
         torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
 
 
-def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype=None) -> nn.Module:
-    """A pretrained causal LM from a local HF folder holding config.json and safetensors weights."""
+def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype=None, config=None) -> nn.Module:
+    """A pretrained causal LM from a local HF folder holding config.json and safetensors weights.
+
+    `config` replaces the folder's config (e.g. with RoPE overrides for context extension)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)
@@ -77,7 +87,7 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype=None) 
     check_attn_implementation(model_type, attn_implementation)
     return AutoModelForCausalLM.from_pretrained(
         folder, attn_implementation=attn_implementation, dtype=dtype, use_safetensors=True,
-        trust_remote_code=False)
+        trust_remote_code=False, **({"config": config} if config is not None else {}))
 
 
 def max_positions(config) -> int | None:

@@ -37,18 +37,21 @@ class TidarOutput:
 class TidarLM(nn.Module):
     """A causal LM converted for TiDAR training and decoding. Holds no DeepSpeed: wrap it in an engine outside."""
 
-    def __init__(self, lm: nn.Module, mask_token_id: int, block_size: int, alpha: float = 1.0,
-                 mask_ratio: float = 1.0, aux_coef: float | None = None):
+    def __init__(self, lm: nn.Module, mask_token_id: int | None, block_size: int, alpha: float = 1.0,
+                 mask_ratio: float = 1.0, aux_coef: float | None = None, objective: str = "tidar"):
         super().__init__()
         model_type = lm.config.model_type
         check_model_type(model_type)
+        if objective not in ("tidar", "ar"):
+            raise ValueError(f"objective={objective!r} must be 'tidar' or 'ar'")
         vocab = lm.get_input_embeddings().weight.shape[0]
-        if not 0 <= mask_token_id < vocab:
+        if objective == "tidar" and (mask_token_id is None or not 0 <= mask_token_id < vocab):
             raise ValueError(f"mask_token_id={mask_token_id} is outside the model's vocabulary of {vocab}; add the "
                              "mask token with ar2diff.model.add_mask_token first")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.lm = lm
+        self.objective = objective
         self.mask_token_id = mask_token_id
         self.block_size = block_size
         self.alpha = alpha
@@ -63,6 +66,10 @@ class TidarLM(nn.Module):
     @property
     def config(self):
         return self.lm.config
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Activation checkpointing of the wrapped model's layers (the stream index travels with each call)."""
+        self.lm.gradient_checkpointing_enable(**kwargs)
 
     # --- the pieces -------------------------------------------------------------------------------------------
     def check_input(self, input_ids_BS: torch.Tensor, length: int | None = None) -> None:
@@ -131,7 +138,10 @@ class TidarLM(nn.Module):
     # --- the two forwards -------------------------------------------------------------------------------------
     def forward(self, input_ids, doc_ids=None, position_ids=None, loss_mask=None, generator=None,
                 return_logits: bool = False) -> TidarOutput:
-        """TiDAR training forward on a packed (B, S) batch: hybrid loss over the `[clean | draft]` layout."""
+        """Training forward on a packed (B, S) batch: the TiDAR hybrid loss over the `[clean | draft]` layout
+        (or, for objective="ar", the plain next-token loss)."""
+        if self.objective == "ar":
+            return self.forward_ar(input_ids, doc_ids, position_ids, loss_mask, return_logits=return_logits)
         self.check_input(input_ids)
         B, S = input_ids.shape
         doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.long()

@@ -1,0 +1,1 @@
+"""Typed, validated configuration: the phase schema, Hydra composition, token budgets -> steps."""

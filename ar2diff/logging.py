@@ -1,0 +1,92 @@
+"""Rank-aware run output: console lines on rank 0, W&B (offline unless configured), and a JSON summary.
+
+One helper so no other module branches on rank or on whether W&B is installed: on ranks > 0, or with tracking off,
+the W&B calls go to a no-op stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class _NoRun:
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self, *args, **kwargs):
+        pass
+
+    summary: dict = {}
+
+
+class RunLogger:
+    """Console + W&B + `summary.json` for one phase."""
+
+    def __init__(self, run_dir: str | Path, rank: int, name: str, group: str | None, config: dict,
+                 wandb_cfg=None):
+        self.rank = rank
+        self.run_dir = Path(run_dir)
+        self.summary: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self.run = _NoRun()
+        if rank == 0 and wandb_cfg is not None and wandb_cfg.wandb and wandb_cfg.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode,
+                                  group=group, name=name, job_type=name, tags=list(wandb_cfg.tags), config=config,
+                                  dir=str(self.run_dir), reinit="finish_previous")
+
+    def print(self, *args) -> None:
+        if self.rank == 0:
+            print(*args, flush=True)
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        row = {f"{prefix}/{k}": v for k, v in metrics.items()}
+        if self.rank != 0:
+            return
+        self.history.append({"step": step, **row})
+        self.run.log(row, step=step)
+        shown = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        print(f"[{prefix} step {step}] {shown}", flush=True)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        if self.rank == 0 and not isinstance(self.run, _NoRun):
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        self.summary.update(values)
+
+    def write_summary(self, path: str | Path) -> None:
+        """The same numbers as console and W&B, as JSON next to the checkpoint (rank 0, atomic)."""
+        if self.rank != 0:
+            return
+        data = {**self.summary, "history": self.history, "wall_seconds": time.time() - self.t0}
+        write_json_atomic(path, data)
+        for k, v in self.summary.items():
+            if isinstance(v, (int, float, str)):
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

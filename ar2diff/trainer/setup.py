@@ -1,0 +1,68 @@
+"""Assemble the parts of one phase: tokenizer and model (loaded or built, RoPE/context overrides, [MASK])."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ar2diff.config.schema import PhaseConfig
+from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
+from ar2diff.model.loading import make_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_tokenizer(cfg: PhaseConfig):
+    """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
+    from ar2diff.data.tokenizer import get_tokenizer, load_tokenizer
+
+    if cfg.data.tokenizer_path:
+        return load_tokenizer(cfg.data.tokenizer_path)
+    if cfg.model.path and any((Path(cfg.model.path) / f).is_file()
+                              for f in ("tokenizer.json", "tokenizer_config.json")):
+        return load_tokenizer(cfg.model.path)
+    if cfg.model.path:
+        raise ValueError(f"model.path={cfg.model.path!r} has no tokenizer files; set data.tokenizer_path to the "
+                         "model's tokenizer folder")
+    return get_tokenizer(cfg.data)
+
+
+def apply_rope_overrides(config, rope: dict, max_positions: int | None) -> None:
+    """Context extension: update RoPE parameters (every per-layer-type entry for nested layouts) and the limit."""
+    if rope:
+        params = getattr(config, "rope_parameters", None)
+        if params is None:
+            raise ValueError(f"model.rope={rope} given but the {config.model_type} config has no rope_parameters")
+        nested = all(isinstance(v, dict) for v in params.values())
+        for entry in (params.values() if nested else [params]):
+            entry.update(rope)
+    if max_positions is not None:
+        config.max_position_embeddings = max_positions
+
+
+def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarLM:
+    """The HF model of this phase wrapped as TidarLM (objective kind decides TiDAR or plain AR training)."""
+    m, o = cfg.model, cfg.objective
+    dtype = DTYPES[m.dtype]
+    if m.path is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(m.path)
+        apply_rope_overrides(config, dict(m.rope), m.max_position_embeddings)
+        lm = load_model(m.path, attn_implementation=m.attn_implementation, dtype=dtype, config=config)
+    else:
+        arch = dict(m.config)
+        arch.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            arch.setdefault(key, getattr(tokenizer, key))
+        config = make_config(arch)
+        apply_rope_overrides(config, dict(m.rope), m.max_position_embeddings)
+        lm = build_model(config, attn_implementation=m.attn_implementation, dtype=dtype, seed=m.init_seed)
+    if max(cfg.data.seq_len, 1) > lm.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
+                         f"{lm.config.max_position_embeddings}; set model.max_position_embeddings (and model.rope)")
+    if o.kind == "ar":
+        return TidarLM(lm, mask_token_id=None, block_size=o.block_size, objective="ar", aux_coef=o.aux_coef)
+    mask_id = add_mask_token(lm, tokenizer, o.block_size)
+    return TidarLM(lm, mask_id, o.block_size, alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef)
