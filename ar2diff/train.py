@@ -50,7 +50,9 @@ def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None):
 def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
     """Run the phases in order; each one starts from the previous phase's exported checkpoint."""
     base = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("model.path=")), None)
-    passthrough = [o for o in user_overrides if not o.split("=", 1)[0].lstrip("+~") in ("recipe", "run_dir")]
+    passthrough = [o for o in user_overrides
+                   if o.split("=", 1)[0].lstrip("+~") not in ("recipe", "run_dir")
+                   and not o.lstrip("+~").startswith("inputs.")]
     group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
     results, previous = [], None
     for i, phase in enumerate(cfg.pipeline):

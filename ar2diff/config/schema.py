@@ -112,6 +112,8 @@ class PhaseConfig:
     decoder: DecoderEvalConfig = field(default_factory=DecoderEvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     pipeline: list[PipelinePhase] = field(default_factory=list)
+    # Named inputs a pipeline recipe hands to its phases through interpolation, e.g. inputs.chat_data.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, world_size: int = 1) -> PhaseConfig:
         """Check every value once; raise ValueError naming the key. Returns self."""

@@ -119,7 +119,9 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     while step < budget.steps:
         for micro in range(budget.grad_accum_steps):
             batch = {k: v.to(device) for k, v in next(data.train).items()}
-            gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro) * 1009 + ctx.rank)
+            # the draft-mask RNG of the global micro batch: the same masks for any split over ranks and accumulation
+            global_micro = dp_rank * budget.grad_accum_steps + micro
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 65_537 + global_micro)
             out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
                          position_ids=batch["position_ids"], loss_mask=batch["loss_mask"], generator=gen)
             engine.backward(out.loss)

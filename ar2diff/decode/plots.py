@@ -1,0 +1,95 @@
+"""Figures of decoder and training results (matplotlib, imported lazily; files are written with the Agg backend).
+
+`save_acceptance_histogram` is what the phase-end check writes next to eval.json; `plot_loss_curves` and
+`plot_tokens_per_forward` draw the run comparison of `notebooks/compare_runs.ipynb` from `ar2diff.analysis`
+records onto axes the caller owns (so a notebook shows them inline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_acceptance_histogram(histogram: list[int], path: str | Path, title: str = "") -> Path:
+    """A bar chart of forwards per number of accepted drafts, saved as PNG at `path` (written via a temporary
+    name and renamed, like eval.json). Returns the path."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(5, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(histogram)), histogram, color="tab:blue")
+    ax.set_xlabel("drafts accepted per forward")
+    ax.set_ylabel("forwards")
+    ax.set_xticks(range(len(histogram)))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
+
+
+def plot_loss_curves(runs, axes=None, keys=("train/loss", "train/loss_ar", "train/loss_diff")):
+    """One panel per loss key, one line per phase run (label: run name / phase). Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+        axes = axes[0]
+    for ax, key in zip(axes, keys):
+        for run in runs:
+            steps, values = run.curve(key)
+            if steps:
+                ax.plot(steps, values, label=run.label, marker="." if len(steps) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    return axes
+
+
+def plot_tokens_per_forward(rows: list[dict], ax=None, value: str = "tokens_per_forward"):
+    """Grouped bars: one group per phase run, one bar per sampler, from `ar2diff.analysis.sampler_table` rows."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.5))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    width = 0.8 / max(len(samplers), 1)
+    for j, sampler in enumerate(samplers):
+        xs, ys = [], []
+        for i, run in enumerate(runs):
+            match = [r[value] for r in rows if r["run"] == run and r["sampler"] == sampler]
+            if match:
+                xs.append(i + j * width)
+                ys.append(match[0])
+        ax.bar(xs, ys, width, label=sampler)
+    ax.set_xticks([i + width * (len(samplers) - 1) / 2 for i in range(len(runs))], runs, rotation=15, fontsize=8)
+    ax.set_ylabel(value)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_acceptance(runs, axes=None):
+    """Per phase run, the share of forwards that accepted n drafts, one line per TiDAR sampler. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.eval is not None]
+    if axes is None:
+        _, axes = plt.subplots(1, max(len(runs), 1), figsize=(4.5 * max(len(runs), 1), 3.2), squeeze=False)
+        axes = axes[0]
+    for ax, run in zip(axes, runs):
+        for name, s in run.eval["samplers"].items():
+            hist = s["acceptance_histogram"]
+            if s.get("kind") == "ar" or not sum(hist):
+                continue
+            ax.plot(range(len(hist)), [c / sum(hist) for c in hist], marker="o", label=name)
+        ax.set_title(run.label, fontsize=9)
+        ax.set_xlabel("drafts accepted per forward")
+        ax.set_ylabel("share of forwards")
+        ax.legend(fontsize=8)
+    return axes
