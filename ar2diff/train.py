@@ -74,7 +74,9 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
 
 def run(cfg: PhaseConfig, overrides: list[str] = ()) -> list:
     """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does)."""
-    cfg.validate()  # shape checks that need no world size; the phase re-validates with it
+    from ar2diff.trainer.distributed import init_distributed
+
+    cfg.validate(init_distributed().world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
     if cfg.pipeline:
         return run_pipeline(cfg, list(overrides), run_dir)
