@@ -239,8 +239,8 @@ def evaluate_checkpoint(tidar_lm: TidarLM, heldout_rows: dict[str, torch.Tensor]
                      "projection": {"batch": 1, "context": PROJECTION_CONTEXT, "num_drafts": block_size - 1,
                                     "num_templates": num_templates, "shape": asdict(shape)}},
         "heldout": heldout,
-        "prompts": {"count": len(prompts), "prompt_len": dcfg.prompt_len, "rows_scanned": len(heldout_rows["input_ids"]),
-                    "picks": [list(p) for p in picks]},
+        "prompts": {"count": len(prompts), "prompt_len": dcfg.prompt_len,
+                    "rows_scanned": len(heldout_rows["input_ids"]), "picks": [list(p) for p in picks]},
         "samplers": samplers,
         "quality": quality,
     }
@@ -255,7 +255,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
         for key in ("tokens_per_forward", "tokens_per_s", "speedup_wall", "agreement_tokens", "agreement_prompts"):
             out[f"{name}/{key}"] = s[key]
         for accel, p in s.get("projection", {}).items():
-            out[f"{name}/projected_speedup/{accel}"] = p["speedup"]
+            out[f"{name}/projected_speedup/{accel.replace(' ', '_')}"] = p["speedup"]
     for name, v in result["quality"]["nll_per_token"].items():
         out[f"{name}/nll_t1"] = v
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -278,12 +278,19 @@ def write_eval(result: dict, folders, logger=None, step: int = 0) -> list[Path]:
     log the scalars (prefix "eval"), the images of the first folder and the summary subset. Returns the json paths."""
     from ar2diff.decode.plots import save_acceptance_histogram
 
+    try:
+        import matplotlib  # noqa: F401  (optional: pip install ar2diff[plot])
+        plots = True
+    except ImportError:
+        plots = False
+        if logger is not None:
+            logger.print("[eval] matplotlib is not installed: no acceptance-histogram PNGs (pip install matplotlib)")
     paths, images = [], {}
     for folder in map(Path, folders):
         write_json_atomic(folder / "eval.json", result)
         paths.append(folder / "eval.json")
         for name, s in result["samplers"].items():
-            if s["kind"] != "ar":
+            if plots and s["kind"] != "ar":
                 png = save_acceptance_histogram(s["acceptance_histogram"], folder / f"acceptance_{name}.png",
                                                 title=f"{name}: {s['tokens_per_forward']:.2f} tokens/forward")
                 images.setdefault(name, png)

@@ -89,6 +89,7 @@ def plot_acceptance(runs, axes=None):
                 continue
             ax.plot(range(len(hist)), [c / sum(hist) for c in hist], marker="o", label=name)
         ax.set_title(run.label, fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("drafts accepted per forward")
         ax.set_ylabel("share of forwards")
         ax.legend(fontsize=8)

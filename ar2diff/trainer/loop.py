@@ -153,6 +153,8 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     logger.update_summary({"phase": cfg.phase, "recipe": cfg.name, "steps": step, "tokens_seen": tokens_seen,
                            "budget": asdict(budget), "data_stats": data.train.data.total_stats.to_dict(),
                            "export_dir": str(export_dir), "final": logger.history[-1] if logger.history else {}})
+    engine.destroy()  # the phase-end checks load the export on their own; free the training state first
+    del engine, model
     for callback in callbacks:
         callback(cfg=cfg, export_dir=export_dir, run_dir=run_dir, logger=logger, step=step, data=data,
                  tokenizer=tokenizer, rank=ctx.rank)
@@ -160,4 +162,6 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     if ctx.rank == 0:
         logger.write_summary(export_dir / "summary.json")
     logger.finish()
+    if dist.is_initialized():
+        dist.barrier()  # every rank leaves the phase together, after rank 0's checks
     return PhaseResult(run_dir=run_dir, export_dir=export_dir, summary=logger.summary)
