@@ -6,8 +6,9 @@ transformers layout (see ar2diff/checkpoint/export_layout.py).
 Works offline on one process: DeepSpeed's own ``zero_to_fp32`` consolidates the fp32 master weights
 from the per-rank shards; the model is rebuilt (on the meta device) from the config the trainer saved
 under ``<ckpt_root>/hf/`` (``save_run_assets``), or from ``--base`` when that folder is missing.
-Not supported yet: expert-parallel (AutoEP) checkpoints, whose experts DeepSpeed stores per
-expert-parallel rank under AutoEP's own names (a clear error says so); they resume fine.
+Expert-parallel (DeepSpeed AutoEP) checkpoints, which zero_to_fp32 cannot consolidate, go through
+``ar2diff.checkpoint.autoep`` (ZeRO-0/1/2/3; Qwen3-MoE and Mixtral), picked automatically from the checkpoint's
+completion marker.
 """
 
 from __future__ import annotations
@@ -27,9 +28,20 @@ from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ref: CheckpointRef, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a complete checkpoint, without a process group. ZeRO 1/2/3 go through
-    DeepSpeed's zero_to_fp32; stage 0 (no ZeRO) stores the whole module in the model-states file."""
+    DeepSpeed's zero_to_fp32; stage 0 (no ZeRO) stores the whole module in the model-states file.
+    Expert-parallel (AutoEP) checkpoints go through ``consolidate_autoep_checkpoint``, which needs ``model``
+    (the transformers model built from the trained config, meta device is fine) to name and shape the experts."""
+    expert_parallel = ref.marker.get("expert_parallel") or any(ref.path.glob("layer_*_expert_*_model_states.pt"))
+    if expert_parallel:
+        if model is None:
+            raise ValueError(f"{ref.path} is an expert-parallel (AutoEP) checkpoint: pass the transformers model "
+                             "built from its config (consolidated_state_dict(ref, model))")
+        from ar2diff.checkpoint.autoep import consolidate_autoep_checkpoint
+
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        return consolidate_autoep_checkpoint(ref.path, model.config.model_type, shapes)
     if ref.marker.get("zero_stage", 1) == 0:
         files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
         if len(files) != 1:
@@ -37,10 +49,6 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
                              f"found {[f.name for f in files]} (tensor/pipeline-parallel checkpoints are unsupported)")
         module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    if ref.marker.get("expert_parallel") or any(ref.path.glob("layer_*_expert_*_model_states.pt")):
-        raise ValueError(f"{ref.path} is an expert-parallel (AutoEP / DeepSpeed MoE) checkpoint: its experts are "
-                         "stored per expert-parallel rank under AutoEP names, which zero_to_fp32 and this export do "
-                         "not convert yet. Export a run trained without expert parallelism.")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -91,12 +99,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} exists; remove it or pass --overwrite")
     assets, meta = _assets(ref, base, block_size)
-    state_dict = consolidated_state_dict(ref)
-    target = _resolve_dtype(dtype, assets.config)
-    state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(assets.config)
+    state_dict = consolidated_state_dict(ref, model)
+    target = _resolve_dtype(dtype, assets.config)
+    state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
     if assets.generation_config is not None:
         model.generation_config = assets.generation_config
     meta.pop("ar2diff_version", None)
