@@ -83,6 +83,9 @@ def run(cfg: PhaseConfig, overrides: list[str] = ()) -> list:
     return [run_phase(cfg, run_dir)]
 
 
+_SWEEP_DIRS: dict[str, str] = {}  # the jobs of a --multirun sweep run in this process and share its folder
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -91,8 +94,9 @@ def main(dict_cfg: DictConfig) -> None:
     logging.getLogger("ar2diff").setLevel(logging.INFO)
     hydra_cfg = HydraConfig.get()
     cfg = to_phase_config(dict_cfg)
-    if cfg.run_dir is None and hydra_cfg.mode.name == "MULTIRUN":
-        cfg.run_dir = str(default_run_dir(cfg.name)) + f"_{hydra_cfg.job.num}"
+    if hydra_cfg.mode.name == "MULTIRUN":  # one folder per sweep, one subfolder per job
+        base = cfg.run_dir or _SWEEP_DIRS.setdefault(cfg.name, str(default_run_dir(cfg.name)))
+        cfg.run_dir = f"{base}/{hydra_cfg.job.num}"
     run(cfg, list(hydra_cfg.overrides.task))
 
 

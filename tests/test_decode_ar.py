@@ -4,19 +4,12 @@ import pytest
 import torch
 
 from ar2diff.decode.ar import DecodeConfig, DecodeResult, acceptance_histogram, decode_ar, summarize
-from tiny import MASK_ID, TINY_CONFIGS, tiny_model
+from tiny import MASK_ID, TINY_CONFIGS, one_thread, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
 
 ARCHS = sorted(TINY_CONFIGS)
 EOS = 2  # tiny configs' eos_token_id
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards are overhead-bound; a second thread only adds contention on the 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def prompts(seed: int = 0, lengths=(1, 4, 9)) -> list[list[int]]:

@@ -12,27 +12,13 @@ from ar2diff.decode.ar import DecodeConfig, decode_ar, summarize
 from ar2diff.decode.step_layout import build_step_layout
 from ar2diff.decode.tidar import TidarConfig, decode_tidar, step_forward
 from ar2diff.model import TidarLM, build_model
-from tiny import MASK_ID, TINY_CONFIGS, randomize, tiny_model
+from tiny import MASK_ID, TINY_CONFIGS, hf_mask_arg, one_thread, progressions, randomize, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
 
 ARCHS = sorted(TINY_CONFIGS)
 CACHED_ARCHS = [a for a in ARCHS if a != "zaya"]
 TRAIN_BLOCK = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards are overhead-bound; a second thread only adds contention on the 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def progressions(g: torch.Generator, rows: int, length: int, m: int = 40) -> torch.Tensor:
-    """Arithmetic progressions mod m over ids [3, 3+m): a pattern a tiny model learns in a few steps."""
-    start = torch.randint(3, 3 + m, (rows, 1), generator=g)
-    step = torch.randint(1, 4, (rows, 1), generator=g)
-    return 3 + (start - 3 + step * torch.arange(length)) % m
 
 
 @lru_cache(maxsize=None)
@@ -112,14 +98,6 @@ def test_greedy_stops_at_eos_like_ar():
     assert [r.token_ids for r in tidar] == [r.token_ids for r in ar]
     assert [r.stop for r in tidar] == [r.stop for r in ar]
     assert tidar[0].stop == "eos" and tidar[0].token_ids[-1] == eos
-
-
-def hf_mask_arg(lm, mask_11QK):
-    if lm.config.model_type == "zaya":
-        return {"hybrid": mask_11QK, "conv": None}
-    if lm.config.model_type == "qwen3":
-        return {"full_attention": mask_11QK}
-    return mask_11QK
 
 
 @pytest.mark.parametrize("arch", ARCHS)

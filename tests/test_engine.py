@@ -5,7 +5,6 @@ optimizer maths is the same elementwise AdamW on the same gradients, so the loss
 rounding (rtol 1e-6), and the LambdaLR from schedule.py sets the LR each step.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -18,15 +17,7 @@ from ar2diff.trainer.engine import (EngineConfig, autoep_layer_overrides, build_
 from ar2diff.trainer.schedule import ScheduleConfig, lr_at  # noqa: E402
 
 
-def load_worker():
-    """tests/dist_worker.py as a module (tiny models, data, the training run), whatever pytest's import mode."""
-    spec = importlib.util.spec_from_file_location("ar2diff_dist_worker", Path(__file__).with_name("dist_worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = load_worker()
+import dist_worker as worker  # noqa: E402  (tests/ is on sys.path, like tiny.py)
 
 
 @pytest.mark.parametrize("changes, world_size, key", [

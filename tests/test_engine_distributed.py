@@ -13,7 +13,6 @@ identical and only float reassociation (AutoEP's own router and expert loop, the
 orders of magnitude below rtol 1e-4 over 5 steps (measured: agreement to ~1e-7).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -30,15 +29,7 @@ EXTENSIONS_DIR = str(Path.home() / ".cache" / "ar2diff" / "torch_extensions")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
 
 
-def load_worker():
-    """tests/dist_worker.py as a module, whatever pytest's import mode."""
-    spec = importlib.util.spec_from_file_location("ar2diff_dist_worker", Path(__file__).with_name("dist_worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = load_worker()
+import dist_worker as worker  # noqa: E402  (tests/ is on sys.path, like tiny.py)
 FP32 = {"precision": "fp32"}
 TWO_RANK_SPECS = [
     {"name": "zero2", "model": "llama", "engine": {**FP32, "zero_stage": 2, "micro_batch_size": 2}},

@@ -15,25 +15,13 @@ from ar2diff.decode.evaluate import (ACCELERATORS, evaluate_checkpoint, phase_en
                                      write_eval)
 from ar2diff.logging import RunLogger
 from ar2diff.model import TidarLM
-from tiny import MASK_ID, VOCAB, tiny_model
+from tiny import MASK_ID, VOCAB, one_thread, progressions, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
 
 BLOCK = 4
 S = 24
 DCFG = DecoderEvalConfig(num_prompts=3, prompt_len=6, max_new_tokens=10, mix_weights=[0.5], seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def progressions(g: torch.Generator, rows: int, length: int, m: int = 40) -> torch.Tensor:
-    start = torch.randint(3, 3 + m, (rows, 1), generator=g)
-    step = torch.randint(1, 4, (rows, 1), generator=g)
-    return 3 + (start - 3 + step * torch.arange(length)) % m
 
 
 def heldout(n_rows: int = 6) -> dict[str, torch.Tensor]:

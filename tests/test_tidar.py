@@ -4,18 +4,9 @@ import pytest
 import torch
 
 from ar2diff.model import TidarLM
-from tiny import MASK_ID, TINY_CONFIGS, tiny_model
+from tiny import MASK_ID, TINY_CONFIGS, hf_mask_arg, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
-
-
-def hf_mask_arg(lm, mask_11QK):
-    """A hand-built boolean 4D mask in the form each architecture's forward takes."""
-    if lm.config.model_type == "zaya":
-        return {"hybrid": mask_11QK, "conv": None}
-    if lm.config.model_type == "qwen3":
-        return {"full_attention": mask_11QK}
-    return mask_11QK
 
 
 @pytest.fixture(scope="module", params=ARCHS)

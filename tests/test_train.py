@@ -90,3 +90,14 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, ze
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "export")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_multirun_sweep_gives_one_folder_per_job(tmp_path, cache):
+    run_dir = tmp_path / "sweep"
+    cmd = train_cmd(run_dir, cache, "budget.tokens=512", "trainer.ckpt_every=100")
+    run([*cmd[:3], "--multirun", *cmd[3:], "objective.alpha=0.5,2.0"])
+    for job, alpha in (("0", 0.5), ("1", 2.0)):
+        summary = json.loads((run_dir / job / "summary.json").read_text())
+        (row,) = [h for h in summary["history"] if h["step"] == 2]
+        expected = (alpha * row["train/loss_ar"] + row["train/loss_diff"]) / (1 + alpha)
+        assert row["train/loss"] == pytest.approx(expected, rel=1e-5)

@@ -1,5 +1,6 @@
 """Tiny configs of every supported architecture, shared by the tests (built from configs, no downloads)."""
 
+import pytest
 import torch
 
 VOCAB = 97  # the last id is left free for [MASK]
@@ -35,3 +36,29 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa"):
     from ar2diff.model import build_model
 
     return randomize(build_model(TINY_CONFIGS[arch], attn_implementation=attn, seed=seed), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards are overhead-bound; a second thread only adds contention on the 2-core CI machine.
+    Use as `pytestmark = pytest.mark.usefixtures("one_thread")` after `from tiny import one_thread`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def progressions(g: torch.Generator, rows: int, length: int, m: int = 40) -> torch.Tensor:
+    """Arithmetic progressions mod m over ids [3, 3+m): a pattern a tiny model learns in a few steps."""
+    start = torch.randint(3, 3 + m, (rows, 1), generator=g)
+    step = torch.randint(1, 4, (rows, 1), generator=g)
+    return 3 + (start - 3 + step * torch.arange(length)) % m
+
+
+def hf_mask_arg(lm, mask_11QK):
+    """A hand-built boolean 4D mask in the form each architecture's forward takes."""
+    if lm.config.model_type == "zaya":
+        return {"hybrid": mask_11QK, "conv": None}
+    if lm.config.model_type == "qwen3":
+        return {"full_attention": mask_11QK}
+    return mask_11QK

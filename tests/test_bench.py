@@ -1,0 +1,33 @@
+"""The benchmark scripts run and report consistent results (timings themselves are not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def run(script, *args):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_train_reports_the_tidar_over_ar_ratio(tmp_path):
+    out = tmp_path / "train.json"
+    run("bench_train.py", "--model", "tiny_qwen3_moe", "--batch", "2", "--seq-len", "32", "--warmup", "0",
+        "--repeats", "1", "--out", str(out))
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["ratio_tidar_over_ar"] == row["median_s"]["tidar"] / row["median_s"]["ar"] > 0
+
+
+def test_bench_decode_greedy_samplers_agree_with_ar_and_generate(tmp_path):
+    out = tmp_path / "decode.json"
+    run("bench_decode.py", "--tiny", "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "6",
+        "--repeats", "1", "--block-size", "4", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert {"ar", "lossless", "hf_generate"} <= set(rows)
+    assert rows["lossless"]["agreement_with_ar"] == 1.0 and rows["hf_generate"]["agreement_with_ar"] == 1.0
+    assert rows["ar"]["speedup_vs_ar"] == 1.0

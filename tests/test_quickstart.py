@@ -1,0 +1,55 @@
+"""`recipe=quickstart` end to end at minimal scale: AR pretraining then the three TiDAR phases, each from the
+previous phase's export, with exports, summaries, eval.json and W&B offline runs per phase."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from test_train import env
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.seq_len=64", "data.sources.0.path=json/*", "data.heldout_fraction=0.4", "data.bpe_vocab_size=400",
+         "data.bpe_max_bytes=300000", "budget.tokens=2048", "decoder.num_prompts=2", "decoder.prompt_len=8",
+         "decoder.max_new_tokens=8", "trainer.log_every=1", "logger.mode=offline"]
+
+
+def test_quickstart_pipeline(tmp_path):
+    run_dir = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "ar2diff.train", "recipe=quickstart", *SMALL, f"data.cache_dir={tmp_path / 'c'}",
+           f"run_dir={run_dir}"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    pipeline = json.loads((run_dir / "pipeline.json").read_text())
+    phases = [p["phase"] for p in pipeline["phases"]]
+    assert phases == ["ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft"]
+    previous = None
+    for p in pipeline["phases"]:
+        export, phase_dir = Path(p["export_dir"]), Path(p["run_dir"])
+        meta = json.loads((export / "ar2diff.json").read_text())
+        summary = json.loads((phase_dir / "summary.json").read_text())
+        assert meta["phase"] == summary["phase"] == p["phase"] and meta["recipe"] == p["phase"]
+        assert summary["history"] and summary["tokens_seen"] >= 2048
+        assert meta["base_model"] == ("scratch" if previous is None else str(previous))
+        assert list((phase_dir / "wandb").glob("offline-run-*")), "one W&B run per phase"
+        lm = AutoModelForCausalLM.from_pretrained(export)  # loads with no ar2diff code
+        if p["phase"] == "ar_pretrain":
+            assert meta["mask_token_id"] is None and not (export / "eval.json").exists()
+        else:
+            tok = AutoTokenizer.from_pretrained(export)
+            assert lm.config.mask_token_id == meta["mask_token_id"] == tok.mask_token_id
+            ev = json.loads((export / "eval.json").read_text())
+            assert set(ev["samplers"]) == {"ar", "lossless", "mixing_0.25", "mixing_0.5"}
+            assert ev["samplers"]["lossless"]["agreement_tokens"] == 1.0  # greedy lossless is exact
+            assert (export / "acceptance_lossless.png").is_file()
+        previous = export
+    # W&B (offline): every phase's run file carries the pipeline's group and the full resolved config
+    for p in pipeline["phases"]:
+        (record,) = Path(p["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")
+        raw = record.read_bytes()
+        assert pipeline["group"].encode() in raw and b'"mask_ratio"' in raw and b'"bpe_vocab_size"' in raw
