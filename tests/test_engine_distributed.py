@@ -16,7 +16,6 @@ orders of magnitude below rtol 1e-4 over 5 steps (measured: agreement to ~1e-7).
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
 
 
 import dist_worker as worker  # noqa: E402  (tests/ is on sys.path, like tiny.py)
+from launch import run_ranks  # noqa: E402
 FP32 = {"precision": "fp32"}
 TWO_RANK_SPECS = [
     {"name": "zero2", "model": "llama", "engine": {**FP32, "zero_stage": 2, "micro_batch_size": 2}},
@@ -83,7 +83,7 @@ def two_rank_runs(tmp_path_factory) -> dict:
     env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "dist_worker.py"), "--specs", json.dumps(TWO_RANK_SPECS), "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_ranks(command, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
 

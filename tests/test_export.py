@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ar2diff.checkpoint import export_model, is_complete_export, read_metadata
 from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME, ar2diff_version
 from ar2diff.export import export_checkpoint, main
+from launch import run_ranks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -32,7 +32,7 @@ def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ckpt_worker.py"), "train-and-save", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=W.subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import run_ranks
+
 pytestmark = pytest.mark.slow
 
 TINY = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.moe_intermediate_size=64",
@@ -41,7 +43,7 @@ def train_cmd(run_dir, cache, *extra, ranks=1):
 
 
 def run(cmd, timeout=300):
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_ranks(cmd, env=env(), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
