@@ -44,6 +44,7 @@ class ObjectiveConfig:
     block_size: int = 16
     mask_ratio: float = 1.0  # 1.0 = full mask (TiDAR default); < 1 = random-mask ablation
     aux_coef: float | None = None  # router balancing loss weight; None = the model config's own
+    loss_chunk_tokens: int | None = None  # head + loss per chunk of this many tokens (None: all logits at once)
 
 
 @dataclass
@@ -143,6 +144,8 @@ class PhaseConfig:
                 raise ValueError(f"objective.mask_ratio={o.mask_ratio} must be in (0, 1]")
             if o.alpha < 0:
                 raise ValueError(f"objective.alpha={o.alpha} must be >= 0")
+            if o.loss_chunk_tokens is not None and o.loss_chunk_tokens < 1:
+                raise ValueError(f"objective.loss_chunk_tokens={o.loss_chunk_tokens} must be >= 1 or null")
         if self.phase == "diffusion_sft" and not self.data.chat:
             raise ValueError("phase=diffusion_sft needs chat data with response-only loss: set data.chat=true")
         t = self.trainer

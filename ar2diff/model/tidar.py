@@ -22,7 +22,7 @@ from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, ca
                                   sample_draft_mask)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter
-from ar2diff.objective import LossTerms, ar_loss, tidar_loss
+from ar2diff.objective import LossTerms, ar_loss, tidar_loss, tidar_loss_from_hidden
 
 
 @dataclass
@@ -38,7 +38,8 @@ class TidarLM(nn.Module):
     """A causal LM converted for TiDAR training and decoding. Holds no DeepSpeed: wrap it in an engine outside."""
 
     def __init__(self, lm: nn.Module, mask_token_id: int | None, block_size: int, alpha: float = 1.0,
-                 mask_ratio: float = 1.0, aux_coef: float | None = None, objective: str = "tidar"):
+                 mask_ratio: float = 1.0, aux_coef: float | None = None, objective: str = "tidar",
+                 loss_chunk_size: int | None = None):
         super().__init__()
         model_type = lm.config.model_type
         check_model_type(model_type)
@@ -50,8 +51,11 @@ class TidarLM(nn.Module):
                              "mask token with ar2diff.model.add_mask_token first")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"objective.loss_chunk_tokens={loss_chunk_size} must be >= 1 or null (no chunking)")
         self.lm = lm
         self.objective = objective
+        self.loss_chunk_size = loss_chunk_size
         self.mask_token_id = mask_token_id
         self.block_size = block_size
         self.alpha = alpha
@@ -112,6 +116,14 @@ class TidarLM(nn.Module):
         k_meta describes every key (cached + these tokens) and defaults to q_meta. prev_BT is the stream index for
         adapter architectures (None: the model's own, plain-sequence behaviour).
         """
+        hidden, router_logits, cache = self.hidden_states(input_ids_BT, position_ids_BT, q_meta, k_meta, prev_BT,
+                                                          past_key_values, want_router_logits)
+        return self.lm.get_output_embeddings()(hidden), router_logits, cache
+
+    def hidden_states(self, input_ids_BT, position_ids_BT, q_meta: TokenMeta, k_meta: TokenMeta | None = None,
+                      prev_BT: torch.Tensor | None = None, past_key_values=None, want_router_logits: bool = False):
+        """`step` up to the final norm: (hidden_BTH, router_logits, cache), for losses that apply the head in
+        chunks."""
         kwargs = {}
         if prev_BT is not None and self.has_adapter:
             kwargs[PREV_KWARG] = prev_BT
@@ -125,8 +137,7 @@ class TidarLM(nn.Module):
             use_cache=past_key_values is not None,
             **kwargs,
         )
-        logits = self.lm.get_output_embeddings()(out.last_hidden_state)
-        return logits, getattr(out, "router_logits", None), out.past_key_values
+        return out.last_hidden_state, getattr(out, "router_logits", None), out.past_key_values
 
     def balancing_loss(self, router_logits, valid_BL: torch.Tensor) -> torch.Tensor | None:
         """The architecture's own router balancing loss (transformers' function), padding excluded."""
@@ -149,12 +160,20 @@ class TidarLM(nn.Module):
         draft_mask = sample_draft_mask((B, S), self.mask_ratio, generator, device=input_ids.device)
         layout = build_tidar_layout(input_ids, self.mask_token_id, self.block_size, doc_ids, position_ids,
                                     draft_mask)
-        logits_BLV, router_logits, _ = self.step(layout.input_ids_BL, layout.position_ids_BL, layout.meta,
-                                                 prev_BT=layout.prev_BL,
-                                                 want_router_logits=self.balancing_loss_fn is not None)
+        hidden_BLH, router_logits, _ = self.hidden_states(
+            layout.input_ids_BL, layout.position_ids_BL, layout.meta, prev_BT=layout.prev_BL,
+            want_router_logits=self.balancing_loss_fn is not None)
         aux = self.balancing_loss(router_logits, layout.meta.doc >= 0)
-        terms = tidar_loss(logits_BLV[:, :S], logits_BLV[:, S:], input_ids, doc_ids, loss_mask, draft_mask,
-                           alpha=self.alpha, aux_loss=aux, aux_coef=self.aux_coef)
+        head = self.lm.get_output_embeddings()
+        targets = (input_ids, doc_ids, loss_mask, draft_mask)
+        if self.loss_chunk_size and not return_logits:
+            terms = tidar_loss_from_hidden(hidden_BLH[:, :S], hidden_BLH[:, S:], head, *targets,
+                                           chunk_size=self.loss_chunk_size, alpha=self.alpha, aux_loss=aux,
+                                           aux_coef=self.aux_coef)
+            return TidarOutput(loss=terms.loss, terms=terms, layout=layout)
+        logits_BLV = head(hidden_BLH)
+        terms = tidar_loss(logits_BLV[:, :S], logits_BLV[:, S:], *targets, alpha=self.alpha, aux_loss=aux,
+                           aux_coef=self.aux_coef)
         out = TidarOutput(loss=terms.loss, terms=terms, layout=layout)
         if return_logits:
             out.ar_logits, out.diff_logits = logits_BLV[:, :S], logits_BLV[:, S:]

@@ -65,4 +65,5 @@ def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarLM:
     if o.kind == "ar":
         return TidarLM(lm, mask_token_id=None, block_size=o.block_size, objective="ar", aux_coef=o.aux_coef)
     mask_id = add_mask_token(lm, tokenizer, o.block_size)
-    return TidarLM(lm, mask_id, o.block_size, alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef)
+    return TidarLM(lm, mask_id, o.block_size, alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef,
+                   loss_chunk_size=o.loss_chunk_tokens)
