@@ -18,6 +18,24 @@ SMALL = ["data.seq_len=64", "data.sources.0.path=json/*", "data.heldout_fraction
          "decoder.max_new_tokens=8", "trainer.log_every=1", "logger.mode=offline"]
 
 
+def assert_greedy_tidar_matches_generate(export, tokenizer):
+    """On the exported checkpoint: greedy lossless TiDAR == transformers' generate(do_sample=False)."""
+    import torch
+
+    from ar2diff.decode.evaluate import load_exported
+    from ar2diff.decode.tidar import TidarConfig, decode_tidar
+
+    tidar = load_exported(export)
+    prompts = [tokenizer.encode(t) for t in ("import json\ndef load(", "class Decoder(object):\n    def ")]
+    ours = decode_tidar(tidar, prompts, TidarConfig(max_new_tokens=12, eos_token_id=tokenizer.eos_token_id))
+    hf = AutoModelForCausalLM.from_pretrained(export).eval()
+    for prompt, result in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert result.token_ids == out[0, len(prompt):].tolist()
+
+
 def test_quickstart_pipeline(tmp_path):
     run_dir = tmp_path / "qs"
     cmd = [sys.executable, "-m", "ar2diff.train", "recipe=quickstart", *SMALL, f"data.cache_dir={tmp_path / 'c'}",
@@ -47,6 +65,7 @@ def test_quickstart_pipeline(tmp_path):
             assert set(ev["samplers"]) == {"ar", "lossless", "mixing_0.25", "mixing_0.5"}
             assert ev["samplers"]["lossless"]["agreement_tokens"] == 1.0  # greedy lossless is exact
             assert (export / "acceptance_lossless.png").is_file()
+            assert_greedy_tidar_matches_generate(export, tok)
         previous = export
     # W&B (offline): every phase's run file carries the pipeline's group and the full resolved config
     for p in pipeline["phases"]:
