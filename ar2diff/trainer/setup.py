@@ -17,6 +17,9 @@ def resolve_tokenizer(cfg: PhaseConfig):
     """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
     from ar2diff.data.tokenizer import get_tokenizer, load_tokenizer
 
+    if cfg.model.path and not Path(cfg.model.path).is_dir():
+        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a folder; point it at a local transformers "
+                                "checkpoint (config.json + *.safetensors)")
     if cfg.data.tokenizer_path:
         return load_tokenizer(cfg.data.tokenizer_path)
     if cfg.model.path and any((Path(cfg.model.path) / f).is_file()
