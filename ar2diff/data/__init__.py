@@ -4,19 +4,27 @@
     tok = get_tokenizer(cfg)                      # trains + caches the stdlib BPE on first use
     loaders = build_dataloaders(cfg, tok, batch_size=8, rank=rank, world_size=world)
     batch = next(loaders.train)                   # dict of (B, S) tensors, see packing.py
-"""
-from .config import DataConfig, SourceConfig
-from .loader import (DataLoaders, PackedDataset, TrainBatches, build_dataloaders, heldout_rows, load_packed,
-                     mixture_order, prepare_data)
-from .packing import pack_documents, rows_from_stream
-from .sft import TemplateError, encode_chat
-from .sources import stdlib_corpus
-from .stats import DataStats
-from .tokenizer import DEFAULT_CHAT_TEMPLATE, get_tokenizer, load_tokenizer, train_bpe
 
-__all__ = [
-    "DataConfig", "SourceConfig", "DataLoaders", "PackedDataset", "TrainBatches", "build_dataloaders",
-    "heldout_rows", "load_packed", "mixture_order", "prepare_data", "pack_documents", "rows_from_stream",
-    "TemplateError", "encode_chat", "stdlib_corpus", "DataStats", "DEFAULT_CHAT_TEMPLATE", "get_tokenizer",
-    "load_tokenizer", "train_bpe",
-]
+Names load on first use, so `ar2diff.data.config` (plain dataclasses) imports nothing that runs.
+"""
+
+_EXPORTS = {
+    "DataConfig": "config", "SourceConfig": "config",
+    "DataLoaders": "loader", "PackedDataset": "loader", "TrainBatches": "loader", "build_dataloaders": "loader",
+    "heldout_rows": "loader", "load_packed": "loader", "mixture_order": "loader", "prepare_data": "loader",
+    "pack_documents": "packing", "rows_from_stream": "packing",
+    "TemplateError": "sft", "encode_chat": "sft",
+    "stdlib_corpus": "sources",
+    "DataStats": "stats",
+    "DEFAULT_CHAT_TEMPLATE": "tokenizer", "get_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "train_bpe": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
