@@ -76,10 +76,16 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     assert export["step"] == 20 and export["tokens_seen"] == 5120 and export["phase"] == "tidar_midtrain"
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, zero_stage):
-    budget = ["budget.tokens=1536", "trainer.ckpt_every=100", f"deepspeed.zero_stage={zero_stage}"]  # 6 steps
-    run(train_cmd(tmp_path / "one", cache, *budget))  # 1 rank: micro 2 x accumulation 2
+@pytest.mark.parametrize("setting", [
+    ["deepspeed.zero_stage=2"],
+    ["deepspeed.zero_stage=3"],
+    # AutoEP expert parallelism (2 ranks hold 2 experts each) on Qwen3-MoE, router balancing loss included
+    ["model=tiny_qwen3_moe", "deepspeed.zero_stage=2", "deepspeed.expert_parallel_size=2"],
+], ids=["zero2", "zero3", "autoep2_zero2"])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, setting):
+    budget = ["budget.tokens=1536", "trainer.ckpt_every=100", *setting]  # 6 steps
+    one_rank = [o for o in budget if not o.startswith("deepspeed.expert_parallel_size")]
+    run(train_cmd(tmp_path / "one", cache, *one_rank))  # 1 rank: micro 2 x accumulation 2, no expert parallel
     run(train_cmd(tmp_path / "two", cache, *budget, ranks=2))  # 2 ranks: micro 2 x 1
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, *_ in one] == [s for s, *_ in two] == list(range(1, 7))
