@@ -33,18 +33,13 @@ def default_run_dir(name: str) -> Path:
     return Path("outputs") / name / stamp[0]
 
 
-def phase_callbacks(cfg: PhaseConfig) -> list:
-    if cfg.objective.kind == "tidar" and cfg.decoder.enabled:
-        from ar2diff.decode.evaluate import phase_end_eval
+def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbacks: list = ()):
+    """Train one phase with the built-in callbacks (+ `callbacks`); the decoder check for a TiDAR phase."""
+    from ar2diff.trainer.phase import PhaseTrainer
 
-        return [phase_end_eval]
-    return []
-
-
-def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None):
-    from ar2diff.trainer.loop import train_phase
-
-    return train_phase(cfg, run_dir, group=group or cfg.logger.group, callbacks=phase_callbacks(cfg))
+    decoder_check = cfg.objective.kind == "tidar" and cfg.decoder.enabled
+    return PhaseTrainer(cfg, run_dir, group=group or cfg.logger.group, callbacks=list(callbacks),
+                        decoder_check=decoder_check).run()
 
 
 def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:

@@ -1,6 +1,6 @@
 """Time per training step of the TiDAR objective against plain AR training: same model, batch and machine.
 
-One step = forward (TidarLM.forward, the [clean | masked] layout of 2S positions, or TidarLM.forward_ar, the plain
+One step = forward (TidarObjective.forward, the [clean | masked] layout of 2S positions, or .forward_ar, the plain
 causal forward of S positions) + backward + AdamW step. The two are interleaved over the repeats (after warm-up)
 so drift in the machine's speed hits both alike; the table shows median seconds per step and the ratio
 TiDAR / AR. The TiDAR forward runs twice the sequence, so ~2x is the floor for the matmuls; attention over 2S grows
@@ -87,13 +87,16 @@ def time_step(forward, batch, opt, device) -> float:
 
 def bench_model(spec: str, args) -> dict:
     device = torch.device(args.device)
+    from ar2diff.objective import TidarObjective
+
     model, model_type = load_tidar(spec, args.block_size, args.device, getattr(torch, args.dtype))
     vocab = model.lm.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.mask_token_id, (args.batch, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    forwards = {"ar": model.forward_ar, "tidar": model.forward}
+    objective = TidarObjective(model)
+    forwards = {"ar": objective.forward_ar, "tidar": objective.forward}
     for _ in range(args.warmup):
         for fwd in forwards.values():
             time_step(fwd, batch, opt, device)

@@ -82,13 +82,14 @@ def train_and_save(out: Path, name: str, kind: str, stage: int, precision: str) 
 
     from ar2diff.checkpoint import save_checkpoint, save_run_assets
     from ar2diff.model import TidarLM, add_mask_token
+    from ar2diff.objective import TidarObjective
     from ar2diff.trainer.engine import EngineConfig, build_engine
     from ar2diff.trainer.schedule import ScheduleConfig
 
     lm, tokenizer = tiny_moe(kind), CKPT.tiny_tokenizer()
     assert add_mask_token(lm, tokenizer, BLOCK) == MASK_ID
     initial = {k: v.clone() for k, v in lm.state_dict().items()}
-    engine = build_engine(TidarLM(lm, MASK_ID, BLOCK),
+    engine = build_engine(TidarObjective(TidarLM(lm, MASK_ID, BLOCK)),
                           EngineConfig(zero_stage=stage, precision=precision, micro_batch_size=2,
                                        expert_parallel_size=EP_SIZE, weight_decay=0.01),
                           ScheduleConfig(name="constant", lr=2e-2, warmup_steps=0), total_steps=STEPS)

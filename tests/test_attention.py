@@ -65,8 +65,8 @@ def test_flex_forward_equals_sdpa_forward_on_cpu():
     ids = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
     docs = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
     with torch.no_grad():
-        a = TidarLM(sdpa, MASK_ID, 4)(ids, doc_ids=docs, return_logits=True)
-        b = TidarLM(flex, MASK_ID, 4)(ids, doc_ids=docs, return_logits=True)
+        a = TidarLM(sdpa, MASK_ID, 4)(ids, doc_ids=docs)
+        b = TidarLM(flex, MASK_ID, 4)(ids, doc_ids=docs)
     torch.testing.assert_close(a.ar_logits, b.ar_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.diff_logits, b.diff_logits, rtol=1e-5, atol=1e-5)
 
@@ -76,6 +76,6 @@ def test_eager_gets_an_additive_mask_and_matches_sdpa():
     eager = tiny_model("llama", seed=3, attn="eager")
     ids = torch.randint(3, MASK_ID, (1, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        a = TidarLM(sdpa, MASK_ID, 4)(ids, return_logits=True)
-        b = TidarLM(eager, MASK_ID, 4)(ids, return_logits=True)
+        a = TidarLM(sdpa, MASK_ID, 4)(ids)
+        b = TidarLM(eager, MASK_ID, 4)(ids)
     torch.testing.assert_close(a.diff_logits, b.diff_logits, rtol=1e-5, atol=1e-5)

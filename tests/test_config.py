@@ -6,7 +6,7 @@ import pytest
 
 from ar2diff.config.budget import plan_budget
 from ar2diff.config.compose import compose
-from ar2diff.trainer.loop import phase_budget
+from ar2diff.trainer.phase import phase_budget
 
 CONF = Path(__file__).parents[1] / "ar2diff" / "conf"
 CLUSTER = ["model.path=/ckpt/ZAYA1-8B", "data.sources.0.path=/data/*.jsonl"]

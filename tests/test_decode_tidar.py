@@ -12,6 +12,7 @@ from ar2diff.decode.ar import DecodeConfig, decode_ar, summarize
 from ar2diff.decode.step_layout import build_step_layout
 from ar2diff.decode.tidar import TidarConfig, decode_tidar, step_forward
 from ar2diff.model import TidarLM, build_model
+from ar2diff.objective import TidarObjective
 from tiny import MASK_ID, TINY_CONFIGS, hf_mask_arg, one_thread, progressions, randomize, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
@@ -28,10 +29,11 @@ def trained(arch: str) -> TidarLM:
     torch.set_num_threads(1)
     lm = tiny_model(arch).train()
     model = TidarLM(lm, MASK_ID, block_size=TRAIN_BLOCK)
+    objective = TidarObjective(model)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(80):
-        loss = model(progressions(g, 16, 24)).loss
+        loss = objective(progressions(g, 16, 24)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -15,6 +15,7 @@ from ar2diff.decode.evaluate import (ACCELERATORS, evaluate_checkpoint, phase_en
                                      write_eval)
 from ar2diff.logging import RunLogger
 from ar2diff.model import TidarLM
+from ar2diff.objective import TidarObjective
 from tiny import MASK_ID, VOCAB, one_thread, progressions, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
@@ -38,10 +39,10 @@ def heldout(n_rows: int = 6) -> dict[str, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
-def trained(arch: str) -> TidarLM:
+def trained(arch: str) -> TidarObjective:
     """40 TiDAR steps on progressions: enough that some drafts are accepted, so acceptance is exercised."""
     torch.set_num_threads(1)
-    model = TidarLM(tiny_model(arch).train(), MASK_ID, block_size=BLOCK)
+    model = TidarObjective(TidarLM(tiny_model(arch).train(), MASK_ID, block_size=BLOCK))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(40):

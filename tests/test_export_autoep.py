@@ -79,7 +79,7 @@ def check_export(dest: Path, expected: dict, precision: str) -> None:
         return
     with torch.no_grad():
         plain_logits = model(input_ids=W.fixed_ids()).logits
-        tidar = TidarLM(model, W.MASK_ID, W.BLOCK)(W.fixed_ids(), return_logits=True)
+        tidar = TidarLM(model, W.MASK_ID, W.BLOCK)(W.fixed_ids())
     torch.testing.assert_close(plain_logits, expected["ar_logits"], rtol=0, atol=1e-4)
     torch.testing.assert_close(tidar.ar_logits, expected["ar_logits"], rtol=0, atol=1e-4)
     torch.testing.assert_close(tidar.diff_logits, expected["diff_logits"], rtol=0, atol=1e-4)

@@ -13,6 +13,7 @@ from ar2diff.config.schema import DecoderEvalConfig
 from ar2diff.decode.evaluate import evaluate_checkpoint, write_eval
 from ar2diff.logging import RunLogger, write_json_atomic
 from ar2diff.model import TidarLM
+from ar2diff.objective import TidarObjective
 from tiny import MASK_ID, tiny_model
 
 nbclient = pytest.importorskip("nbclient")
@@ -29,11 +30,11 @@ def rows(seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_phase(run_dir: Path, phase: str, seed: int, losses: list[float], eval_in_run_dir: bool = True) -> dict:
-    """A phase folder as train_phase + phase_end_eval leave it: summary.json and eval.json (run_dir and export/)."""
+    """A phase folder as PhaseTrainer + its decoder check leave it: summary.json and eval.json (run_dir and export/)."""
     logger = RunLogger(run_dir, rank=0, name=f"test:{phase}", group=None, config={})
     for step, loss in enumerate(losses, start=1):
         logger.log(step, {"loss": loss, "loss_ar": loss * 0.9, "loss_diff": loss * 1.1, "lr": 1e-3})
-    model = TidarLM(tiny_model("llama", seed=seed), MASK_ID, block_size=4)
+    model = TidarObjective(TidarLM(tiny_model("llama", seed=seed), MASK_ID, block_size=4))
     dcfg = DecoderEvalConfig(num_prompts=2, prompt_len=4, max_new_tokens=6, mix_weights=[1.0])
     result = evaluate_checkpoint(model, rows(seed), dcfg, eos_id=None, heldout_batches=1, micro_batch=2)
     folders = [run_dir / "export", run_dir] if eval_in_run_dir else [run_dir / "export"]

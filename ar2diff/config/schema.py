@@ -60,6 +60,8 @@ class TrainerConfig:
     keep_last: int = 2
     heldout_batches: int = 4  # held-out loss at phase end, in micro batches
     peak_flops: float | None = None  # per device, for MFU; None = unknown (MFU not logged)
+    eval_every: int = 0  # optimizer steps between held-out AR + diffusion losses during the phase; 0 = phase end only
+    progress_bar: bool = True  # rank-0 tqdm bar (step, tokens, loss, tokens/s, ETA)
 
 
 @dataclass

@@ -14,12 +14,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from ar2diff.decode.ar import DecodeConfig, decode_ar, summarize
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
+from ar2diff.dtypes import TORCH_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CliError(Exception):
@@ -65,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=_levels, default="all", help="'all' or acceptance levels to draft, e.g. 4,7,10")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (ROCm builds use cuda too)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
     return p
 
@@ -131,7 +129,7 @@ def run(args) -> dict:
         raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
     if args.sampler != "mixing" and args.mix_weight is not None:
         raise CliError(f"--mix-weight applies only to --sampler mixing, not --sampler {args.sampler}")
-    lm = load_model(args.checkpoint, dtype=DTYPES[args.dtype]).to(args.device)
+    lm = load_model(args.checkpoint, dtype=TORCH_DTYPES[args.dtype]).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     prompts = [tokenizer.encode(text) for text in texts]
     for i, ids in enumerate(prompts):

@@ -37,6 +37,7 @@ from ar2diff.decode.projection import ACCELERATORS, ModelShape, project_speedup
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.logging import write_json_atomic
 from ar2diff.model.tidar import TidarLM
+from ar2diff.objective import TidarObjective
 
 QUALITY_TEMPERATURE = 1.0
 PROJECTION_CONTEXT = 4096
@@ -44,7 +45,7 @@ NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 # --- held-out rows: losses and prompts ---------------------------------------------------------------------------
-def heldout_losses(model: TidarLM, rows: dict[str, torch.Tensor], micro_batch: int, seed: int = 0) -> dict:
+def heldout_losses(model: TidarObjective, rows: dict[str, torch.Tensor], micro_batch: int, seed: int = 0) -> dict:
     """Token-weighted mean AR / diffusion / router losses of `model.forward` over `rows` in micro batches (no grad).
 
     The draft mask (random only for mask_ratio < 1) comes from a generator seeded with `seed`, so the numbers
@@ -192,17 +193,19 @@ def run_decoder(model: TidarLM, prompts: list[list[int]], cfg: DecodeConfig, tok
     return decode_ar(model, prompts, cfg, tokenizer=tokenizer)
 
 
-def evaluate_checkpoint(tidar_lm: TidarLM, heldout_rows: dict[str, torch.Tensor], dcfg: DecoderEvalConfig, eos_id,
+def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch.Tensor], dcfg: DecoderEvalConfig, eos_id,
                         heldout_batches: int, micro_batch: int, tokenizer=None) -> dict:
     """The phase-end numbers for one model (see the module docstring); a JSON-ready dict, `eval.json`'s content.
 
     heldout_rows: (N, S) tensors input_ids/doc_ids/position_ids/loss_mask; the loss uses the first
     heldout_batches * micro_batch rows, prompts are cut from all N. eos_id: int, tuple or None (no EOS).
-    With a tokenizer, the first two outputs of each sampler are kept as text.
+    With a tokenizer, the first two outputs of each sampler are kept as text. The held-out losses come from
+    `objective`; the decoders run its model (`objective.model`).
     """
+    tidar_lm = objective.model
     block_size = tidar_lm.block_size if dcfg.block_size is None else int(dcfg.block_size)
     loss_rows = {k: v[:heldout_batches * micro_batch] for k, v in heldout_rows.items()}
-    heldout = heldout_losses(tidar_lm, loss_rows, micro_batch, seed=dcfg.seed)
+    heldout = heldout_losses(objective, loss_rows, micro_batch, seed=dcfg.seed)
     picks = select_prompts(heldout_rows, dcfg.num_prompts, dcfg.prompt_len)
     prompts = [heldout_rows["input_ids"][r, s:s + dcfg.prompt_len].tolist() for r, s in picks]
 
@@ -311,8 +314,7 @@ def eos_of(lm, tokenizer):
     return tuple(eos) if isinstance(eos, list) else eos
 
 
-def load_exported(export_dir, dtype=torch.float32, device=None, alpha: float = 1.0, mask_ratio: float = 1.0,
-                  aux_coef: float | None = None) -> TidarLM:
+def load_exported(export_dir, dtype=torch.float32, device=None) -> TidarLM:
     """A `TidarLM` around the exported transformers model (eval mode); mask id and block size from ar2diff.json,
     cross-checked against config.json."""
     from ar2diff.checkpoint.export_layout import BLOCK_SIZE_CONFIG_KEY, read_metadata
@@ -326,8 +328,7 @@ def load_exported(export_dir, dtype=torch.float32, device=None, alpha: float = 1
                              f"ar2diff.json {key}={meta[key]}; export the checkpoint again")
     if device is not None:
         lm = lm.to(device)
-    return TidarLM(lm, int(meta["mask_token_id"]), int(meta["block_size"]), alpha=alpha, mask_ratio=mask_ratio,
-                   aux_coef=aux_coef).eval()
+    return TidarLM(lm, int(meta["mask_token_id"]), int(meta["block_size"])).eval()
 
 
 def default_device() -> torch.device:
@@ -341,8 +342,8 @@ def phase_end_eval(*, cfg, export_dir, run_dir, logger, step, data, tokenizer, r
         return None
     start = time.perf_counter()
     dcfg, o = cfg.decoder, cfg.objective
-    model = load_exported(export_dir, dtype=getattr(torch, cfg.model.dtype), device=default_device(),
-                          alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef)
+    model = TidarObjective(load_exported(export_dir, dtype=getattr(torch, cfg.model.dtype), device=default_device()),
+                           alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef)
     heldout_batches, micro = cfg.trainer.heldout_batches, cfg.deepspeed.micro_batch_size
     rows = read_heldout(data.heldout, heldout_batches * micro, dcfg.num_prompts, dcfg.prompt_len)
     result = evaluate_checkpoint(model, rows, dcfg, eos_of(model.lm, tokenizer), heldout_batches, micro,

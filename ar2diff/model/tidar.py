@@ -1,17 +1,17 @@
-"""`TidarLM`: the one model-facing API the trainer and the decoder share.
+"""`TidarLM`: the model adapter the objective, the trainer and the decoder share. It computes no loss.
 
 It wraps an unmodified transformers causal LM (kept as `.lm`, so `tidar_lm.lm` is exactly what the export writes)
 and feeds it the TiDAR layout through the model's own forward arguments: input ids, position ids and a 4D attention
 mask (or flex BlockMask), plus the stream index for architectures with an adapter (ZAYA).
 
-- `forward(...)`: the training forward: TiDAR layout -> AR logits, diffusion logits, hybrid loss terms.
-- `forward_ar(...)`: the plain causal forward of the same model (AR pretraining, held-out AR loss, parity checks).
+- `tidar_hidden(...)`: the `[clean | draft]` layout of a packed batch -> final hidden states (and router logits).
+- `causal_hidden(...)`: the plain document-masked causal forward of the same model -> hidden states.
+- `forward(...)`: logits of both streams (tests, analysis); the losses live in `ar2diff.objective.TidarObjective`.
 - `step(...)`: a forward over arbitrary token records with an optional KV cache (the decoder's step).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,54 +22,45 @@ from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, ca
                                   sample_draft_mask)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter
-from ar2diff.objective import LossTerms, ar_loss, tidar_loss, tidar_loss_from_hidden
 
 
 @dataclass
-class TidarOutput:
-    loss: torch.Tensor
-    terms: LossTerms | None
-    ar_logits: torch.Tensor | None = None  # (B, S, V)
-    diff_logits: torch.Tensor | None = None  # (B, S, V)
-    layout: TidarLayout | None = None
+class TidarLogits:
+    ar_logits: torch.Tensor  # (B, S, V): the clean stream, next-token logits
+    diff_logits: torch.Tensor  # (B, S, V): the draft stream, each position's own-token logits
+    layout: TidarLayout
 
 
 class TidarLM(nn.Module):
-    """A causal LM converted for TiDAR training and decoding. Holds no DeepSpeed: wrap it in an engine outside."""
+    """A causal LM converted for TiDAR training and decoding. Holds no DeepSpeed and no loss.
 
-    def __init__(self, lm: nn.Module, mask_token_id: int | None, block_size: int, alpha: float = 1.0,
-                 mask_ratio: float = 1.0, aux_coef: float | None = None, objective: str = "tidar",
-                 loss_chunk_size: int | None = None):
+    mask_token_id is None for an AR base (no [MASK] yet): such a model runs `causal_hidden` and `step` only.
+    """
+
+    def __init__(self, lm: nn.Module, mask_token_id: int | None, block_size: int):
         super().__init__()
         model_type = lm.config.model_type
         check_model_type(model_type)
-        if objective not in ("tidar", "ar"):
-            raise ValueError(f"objective={objective!r} must be 'tidar' or 'ar'")
         vocab = lm.get_input_embeddings().weight.shape[0]
-        if objective == "tidar" and (mask_token_id is None or not 0 <= mask_token_id < vocab):
+        if mask_token_id is not None and not 0 <= mask_token_id < vocab:
             raise ValueError(f"mask_token_id={mask_token_id} is outside the model's vocabulary of {vocab}; add the "
                              "mask token with ar2diff.model.add_mask_token first")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if loss_chunk_size is not None and loss_chunk_size < 1:
-            raise ValueError(f"objective.loss_chunk_tokens={loss_chunk_size} must be >= 1 or null (no chunking)")
         self.lm = lm
-        self.objective = objective
-        self.loss_chunk_size = loss_chunk_size
         self.mask_token_id = mask_token_id
         self.block_size = block_size
-        self.alpha = alpha
-        self.mask_ratio = mask_ratio
         self.has_adapter = SUPPORTED_MODEL_TYPES[model_type]
         if model_type == "zaya":
             install_zaya_adapter(lm)
-        self.balancing_loss_fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
-        default_coef = getattr(lm.config, "router_aux_loss_coef", 0.0) if self.balancing_loss_fn else 0.0
-        self.aux_coef = default_coef if aux_coef is None else aux_coef
 
     @property
     def config(self):
         return self.lm.config
+
+    @property
+    def head(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Activation checkpointing of the wrapped model's layers (the stream index travels with each call)."""
@@ -139,61 +130,40 @@ class TidarLM(nn.Module):
         )
         return out.last_hidden_state, getattr(out, "router_logits", None), out.past_key_values
 
-    def balancing_loss(self, router_logits, valid_BL: torch.Tensor) -> torch.Tensor | None:
-        """The architecture's own router balancing loss (transformers' function), padding excluded."""
-        if self.balancing_loss_fn is None or router_logits is None:
-            return None
-        n_experts = getattr(self.config, "num_experts", None) or self.config.num_local_experts
-        return self.balancing_loss_fn(router_logits, n_experts, self.config.num_experts_per_tok, valid_BL)
+    # --- the training-side forwards ---------------------------------------------------------------------------
+    def tidar_hidden(self, input_ids, doc_ids=None, position_ids=None, draft_mask=None,
+                     want_router_logits: bool = False):
+        """(layout, hidden_BLH, router_logits) of the `[clean | draft]` layout of a packed (B, S) batch; L = 2S.
 
-    # --- the two forwards -------------------------------------------------------------------------------------
-    def forward(self, input_ids, doc_ids=None, position_ids=None, loss_mask=None, generator=None,
-                return_logits: bool = False) -> TidarOutput:
-        """Training forward on a packed (B, S) batch: the TiDAR hybrid loss over the `[clean | draft]` layout
-        (or, for objective="ar", the plain next-token loss)."""
-        if self.objective == "ar":
-            return self.forward_ar(input_ids, doc_ids, position_ids, loss_mask, return_logits=return_logits)
+        draft_mask (B, S) says which draft positions hold [MASK] (default: all of them)."""
+        if self.mask_token_id is None:
+            raise ValueError("this model has no mask token (an AR base): add it with ar2diff.model.add_mask_token")
         self.check_input(input_ids)
-        B, S = input_ids.shape
         doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.long()
-        loss_mask = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
-        draft_mask = sample_draft_mask((B, S), self.mask_ratio, generator, device=input_ids.device)
+        if draft_mask is None:
+            draft_mask = sample_draft_mask(tuple(input_ids.shape), 1.0, device=input_ids.device)
         layout = build_tidar_layout(input_ids, self.mask_token_id, self.block_size, doc_ids, position_ids,
                                     draft_mask)
-        hidden_BLH, router_logits, _ = self.hidden_states(
-            layout.input_ids_BL, layout.position_ids_BL, layout.meta, prev_BT=layout.prev_BL,
-            want_router_logits=self.balancing_loss_fn is not None)
-        aux = self.balancing_loss(router_logits, layout.meta.doc >= 0)
-        head = self.lm.get_output_embeddings()
-        targets = (input_ids, doc_ids, loss_mask, draft_mask)
-        if self.loss_chunk_size and not return_logits:
-            terms = tidar_loss_from_hidden(hidden_BLH[:, :S], hidden_BLH[:, S:], head, *targets,
-                                           chunk_size=self.loss_chunk_size, alpha=self.alpha, aux_loss=aux,
-                                           aux_coef=self.aux_coef)
-            return TidarOutput(loss=terms.loss, terms=terms, layout=layout)
-        logits_BLV = head(hidden_BLH)
-        terms = tidar_loss(logits_BLV[:, :S], logits_BLV[:, S:], *targets, alpha=self.alpha, aux_loss=aux,
-                           aux_coef=self.aux_coef)
-        out = TidarOutput(loss=terms.loss, terms=terms, layout=layout)
-        if return_logits:
-            out.ar_logits, out.diff_logits = logits_BLV[:, :S], logits_BLV[:, S:]
-        return out
+        hidden_BLH, router_logits, _ = self.hidden_states(layout.input_ids_BL, layout.position_ids_BL, layout.meta,
+                                                          prev_BT=layout.prev_BL,
+                                                          want_router_logits=want_router_logits)
+        return layout, hidden_BLH, router_logits
 
-    def forward_ar(self, input_ids, doc_ids=None, position_ids=None, loss_mask=None,
-                   return_logits: bool = False) -> TidarOutput:
-        """Plain causal forward (document-masked when doc_ids are given) with the next-token loss."""
+    def causal_hidden(self, input_ids, doc_ids=None, position_ids=None, want_router_logits: bool = False):
+        """(hidden_BSH, router_logits) of the plain causal forward (document-masked when doc_ids are given)."""
         self.check_input(input_ids)
         doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.long()
         position_ids = positions_from_docs(doc_ids) if position_ids is None else position_ids.long()
-        loss_mask = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
         meta = causal_meta(doc_ids, position_ids)
         prev = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids) - 1
         prev = torch.where((position_ids > 0), prev, torch.full_like(prev, -1))
-        logits, router_logits, _ = self.step(input_ids, position_ids, meta, prev_BT=prev,
-                                             want_router_logits=self.balancing_loss_fn is not None)
-        aux = self.balancing_loss(router_logits, doc_ids >= 0)
-        ar, n = ar_loss(logits, input_ids, doc_ids, loss_mask)
-        loss = ar if aux is None else ar + self.aux_coef * aux.float()
-        terms = LossTerms(loss=loss, ar=ar.detach(), diff=ar.new_zeros(()),
-                          aux=loss.new_zeros(()) if aux is None else aux.detach(), n_ar=n, n_diff=0)
-        return TidarOutput(loss=loss, terms=terms, ar_logits=logits if return_logits else None)
+        hidden, router_logits, _ = self.hidden_states(input_ids, position_ids, meta, prev_BT=prev,
+                                                      want_router_logits=want_router_logits)
+        return hidden, router_logits
+
+    def forward(self, input_ids, doc_ids=None, position_ids=None, draft_mask=None) -> TidarLogits:
+        """Logits of both streams of the TiDAR layout (no loss; see ar2diff.objective.TidarObjective)."""
+        layout, hidden_BLH, _ = self.tidar_hidden(input_ids, doc_ids, position_ids, draft_mask)
+        S = input_ids.shape[1]
+        logits_BLV = self.head(hidden_BLH)
+        return TidarLogits(ar_logits=logits_BLV[:, :S], diff_logits=logits_BLV[:, S:], layout=layout)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ar2diff.config.schema import PhaseConfig
+from ar2diff.dtypes import torch_dtype
 from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
 from ar2diff.model.loading import make_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
+from ar2diff.objective import TidarObjective
 
 def resolve_tokenizer(cfg: PhaseConfig):
     """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
@@ -44,10 +41,10 @@ def apply_rope_overrides(config, rope: dict, max_positions: int | None) -> None:
         config.max_position_embeddings = max_positions
 
 
-def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarLM:
-    """The HF model of this phase wrapped as TidarLM (objective kind decides TiDAR or plain AR training)."""
+def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarObjective:
+    """The HF model of this phase as a TidarLM inside its TidarObjective (objective.kind: TiDAR or plain AR)."""
     m, o = cfg.model, cfg.objective
-    dtype = DTYPES[m.dtype]
+    dtype = torch_dtype(m.dtype, "model.dtype")
     if m.path is not None:
         from transformers import AutoConfig
 
@@ -66,7 +63,8 @@ def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarLM:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
                          f"{lm.config.max_position_embeddings}; set model.max_position_embeddings (and model.rope)")
     if o.kind == "ar":
-        return TidarLM(lm, mask_token_id=None, block_size=o.block_size, objective="ar", aux_coef=o.aux_coef)
+        return TidarObjective(TidarLM(lm, mask_token_id=None, block_size=o.block_size), kind="ar",
+                              aux_coef=o.aux_coef)
     mask_id = add_mask_token(lm, tokenizer, o.block_size)
-    return TidarLM(lm, mask_id, o.block_size, alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef,
-                   loss_chunk_size=o.loss_chunk_tokens)
+    return TidarObjective(TidarLM(lm, mask_id, o.block_size), alpha=o.alpha, mask_ratio=o.mask_ratio,
+                          aux_coef=o.aux_coef, loss_chunk_size=o.loss_chunk_tokens)

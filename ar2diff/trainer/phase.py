@@ -1,0 +1,156 @@
+"""`PhaseTrainer`: one training phase. Setup (parts, budget, data, engine, resume), then the loop, then callbacks.
+
+Every optimizer step takes `grad_accum_steps` micro batches of this rank's rows, each a forward of the
+`TidarObjective` through the DeepSpeed engine. Everything else a phase does (metrics and MFU, held-out eval,
+checkpoints, export, the decoder check, summary.json, the progress bar) is a callback (trainer/callbacks.py for the
+hooks, trainer/standard_callbacks.py for the built-ins). The data position, tokens seen and RNG state are saved
+with every checkpoint, so a resumed run sees exactly the batches, masks and numbers it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ar2diff.config.budget import Budget, plan_budget
+from ar2diff.config.schema import PhaseConfig
+from ar2diff.logging import RunLogger
+from ar2diff.trainer import standard_callbacks as std
+from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
+from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
+
+
+@dataclass
+class PhaseResult:
+    run_dir: Path
+    export_dir: Path | None
+    summary: dict
+
+
+def phase_budget(cfg: PhaseConfig, world_size: int) -> Budget:
+    dp = world_size // max(1, cfg.deepspeed.sequence_parallel_size)
+    return plan_budget(int(cfg.budget.tokens), cfg.data.seq_len, cfg.budget.global_batch_size,
+                       cfg.deepspeed.micro_batch_size, dp)
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: int, dp_size: int):
+    """Rank 0 tokenizes and packs (cached on disk); the others wait, then read the cache."""
+    from ar2diff.data.loader import build_dataloaders, prepare_data as prepare
+
+    if rank == 0:
+        prepare(cfg.data, tokenizer)
+    if dist.is_initialized():
+        dist.barrier()
+    return build_dataloaders(cfg.data, tokenizer, micro, dp_rank, dp_size)
+
+
+class PhaseTrainer:
+    """Train one phase into `run_dir` (checkpoints/, export/, summary.json; eval.json from the decoder check).
+
+    `callbacks` are added to the built-ins (`default_callbacks`); `decoder_check` installs the phase-end decoder
+    check callback."""
+
+    def __init__(self, cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
+                 callbacks: list[Callback] = (), decoder_check: bool = False):
+        self.cfg, self.run_dir, self.group = cfg, Path(run_dir), group
+        self.extra_callbacks, self.decoder_check = list(callbacks), decoder_check
+
+    def setup(self) -> TrainState:
+        """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
+        from ar2diff.checkpoint import load_checkpoint, save_run_assets
+        from ar2diff.trainer.engine import build_engine, count_params
+
+        cfg, ctx = self.cfg, init_distributed()
+        cfg.validate(ctx.world_size)
+        seed_all(cfg.seed)
+        tokenizer = resolve_tokenizer(cfg)
+        objective = build_phase_model(cfg, tokenizer)
+        budget = phase_budget(cfg, ctx.world_size)
+        logger = RunLogger(self.run_dir, ctx.rank, name=f"{cfg.name}:{cfg.phase}", group=self.group,
+                           config=asdict(cfg), wandb_cfg=cfg.logger)
+        logger.print(f"[{cfg.name}] phase {cfg.phase}: {budget.describe()}")
+        params = count_params(objective.lm)
+        logger.print(f"[{cfg.name}] model {objective.config.model_type}: {params.total:,} parameters"
+                     + (f" ({params.active:,} active)" if params.active and params.active != params.total else ""))
+        dp_rank = ctx.rank // max(1, cfg.deepspeed.sequence_parallel_size)
+        state = TrainState(cfg=cfg, run_dir=self.run_dir, rank=ctx.rank, world_size=ctx.world_size,
+                           dp_rank=dp_rank, budget=budget, tokenizer=tokenizer, logger=logger,
+                           export_dir=self.run_dir / "export")
+        state.data = prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank,
+                                  budget.data_parallel_size)
+        engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
+        state.engine = build_engine(objective, engine_cfg, cfg.schedule, budget.steps)
+        state.extra["params"] = params
+
+        model = objective.model
+        run_meta = {"mask_token_id": model.mask_token_id, "block_size": model.block_size, "phase": cfg.phase,
+                    "recipe": cfg.name, "base_model": cfg.model.path or "scratch"}
+        if ctx.rank == 0:
+            save_run_assets(state.ckpt_root, model.config, tokenizer, run_meta)
+        client = load_checkpoint(state.engine, state.ckpt_root)
+        if client is not None:
+            state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
+            state.data.train.load_state_dict(client["data"])
+            logger.history = list(client.get("history", []))
+            state.extra["last_saved_step"] = state.step
+            logger.print(f"[{cfg.name}] resumed from step {state.step} ({state.tokens_seen:,} tokens seen)")
+        return state
+
+    def default_callbacks(self, state: TrainState) -> list[Callback]:
+        from ar2diff.trainer.engine import flops_per_token
+
+        cfg = self.cfg
+        layout_len = cfg.data.seq_len * (2 if cfg.objective.kind == "tidar" else 1)
+        flops_tok = flops_per_token(state.lm.config, layout_len, state.extra["params"].matmul_active)
+        callbacks = [std.Metrics(flops_tok, layout_len), std.HeldoutEval(), std.Checkpointing(), std.Export(),
+                     std.ReleaseEngine(), std.Summary(), std.ProgressBar()]
+        return callbacks + ([std.DecoderCheck()] if self.decoder_check else [])
+
+    def train_step(self, state: TrainState, callbacks: Callback) -> None:
+        """One optimizer step: `grad_accum_steps` micro batches, forward + backward + engine step each."""
+        engine, accum = state.engine, state.budget.grad_accum_steps
+        state.step_terms = []
+        for micro in range(accum):
+            batch = {k: v.to(state.device) for k, v in next(state.data.train).items()}
+            batch = callbacks.on_batch(state, batch)
+            # the draft-mask RNG of the global micro batch: the same masks for any split over ranks and accumulation
+            global_micro = state.dp_rank * accum + micro
+            gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + state.step) * 65_537 + global_micro)
+            out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
+                         loss_mask=batch["loss_mask"], generator=gen)
+            engine.backward(out.loss)
+            engine.step()
+            state.step_terms.append(out.terms)
+            callbacks.on_micro_step_end(state, out)
+
+    def run(self) -> PhaseResult:
+        state = self.setup()
+        callbacks = Callbacks([*self.default_callbacks(state), *self.extra_callbacks])
+        try:
+            callbacks.on_phase_start(state)
+            state.engine.train()
+            while state.step < state.budget.steps and not state.should_stop:
+                self.train_step(state, callbacks)
+                state.step += 1
+                state.tokens_seen += state.budget.tokens_per_step
+                callbacks.on_step_end(state)
+            state.stopped_early = state.step < state.budget.steps
+            callbacks.on_phase_end(state)
+        finally:
+            callbacks.on_close(state)
+        export_dir = None if state.stopped_early else state.export_dir
+        return PhaseResult(run_dir=self.run_dir, export_dir=export_dir, summary=state.logger.summary)
