@@ -36,7 +36,7 @@ class LossTerms:
     n_diff: int
 
     def log_dict(self) -> dict[str, float]:
-        return {"loss": float(self.loss), "loss_ar": float(self.ar), "loss_diff": float(self.diff),
+        return {"loss": float(self.loss.detach()), "loss_ar": float(self.ar), "loss_diff": float(self.diff),
                 "loss_aux": float(self.aux), "tokens_ar": self.n_ar, "tokens_diff": self.n_diff}
 
 

@@ -63,6 +63,11 @@ class HeldoutEval(Callback):
 
     order = -10
 
+    def on_phase_start(self, state: TrainState) -> None:
+        if state.cfg.trainer.eval_every and len(state.data.heldout) == 0:
+            raise ValueError(f"trainer.eval_every={state.cfg.trainer.eval_every} but the held-out split is empty: "
+                             "raise data.heldout_fraction or set trainer.eval_every=0")
+
     def on_step_end(self, state: TrainState) -> None:
         every = state.cfg.trainer.eval_every
         if not every or state.step % every:

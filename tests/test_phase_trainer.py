@@ -1,0 +1,84 @@
+"""PhaseTrainer's callback hooks on a real tiny run: a callback that stops the phase (as a preemption or a NaN guard
+would) gets a checkpoint at that step boundary and no export; `on_batch` sees (and may replace) every micro batch;
+`trainer.eval_every` logs held-out losses; re-running resumes and reproduces the golden loss curve exactly, so
+neither the stop nor the held-out evaluation moved the training numbers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_golden import GOLDEN, KEYS, OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from ar2diff.config.compose import compose
+    from ar2diff.train import run_phase
+    from ar2diff.trainer.callbacks import Callback
+
+    class StopAt(Callback):
+        def __init__(self, step):
+            self.step, self.batches, self.ends = step, 0, []
+        def on_batch(self, state, batch):
+            self.batches += 1
+            return dict(batch)
+        def on_step_end(self, state):
+            self.ends.append(state.step)
+            if state.step == self.step:
+                state.should_stop = True
+
+    run_dir, stop, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    cb = StopAt(stop)
+    result = run_phase(compose(overrides), run_dir, callbacks=[cb])
+    print("RESULT " + json.dumps({"batches": cb.batches, "ends": cb.ends,
+                                  "export_dir": None if result.export_dir is None else str(result.export_dir)}))
+""")
+
+
+def launch(run_dir: Path, stop: int, cache: Path, overrides=OVERRIDES) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-c", SCRIPT, str(run_dir), str(stop), *overrides, f"data.cache_dir={cache}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_stop_callback_checkpoints_then_rerun_resumes_to_the_golden_curve(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    first = launch(run_dir, 3, cache)
+    assert first["ends"] == [1, 2, 3] and first["batches"] == 3 * 2  # 2 micro batches per step (batch 4, micro 2)
+    assert first["export_dir"] is None and not (run_dir / "export").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000003"]
+
+    second = launch(run_dir, 0, cache)
+    assert second["ends"] == list(range(4, 9)) and second["export_dir"] == str(run_dir / "export")
+    history = json.loads((run_dir / "summary.json").read_text())["history"]
+    train = [{"step": h["step"], **{k: h[k] for k in KEYS}} for h in history]
+    assert train == json.loads(GOLDEN.read_text())["curve"]  # bit-exact on this machine
+
+
+def test_eval_every_logs_heldout_losses_without_moving_the_training_numbers(tmp_path):
+    cache = tmp_path / "cache"
+    short = [o for o in OVERRIDES if not o.startswith("budget.tokens=")] + ["budget.tokens=1024",
+                                                                            "data.heldout_fraction=0.3"]
+    launch(tmp_path / "plain", 0, cache, short)
+    launch(tmp_path / "eval", 0, cache, [*short, "trainer.eval_every=2"])
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["history"]
+    evald = json.loads((tmp_path / "eval" / "summary.json").read_text())["history"]
+    heldout = [h for h in evald if "heldout/loss" in h]
+    assert [h["step"] for h in heldout] == [2, 4]
+    assert all(h["heldout/loss_ar"] > 0 and h["heldout/loss_diff"] > 0 for h in heldout)
+    assert heldout[1]["heldout/loss"] < heldout[0]["heldout/loss"]  # it learns on held-out data too
+    train = [{k: v for k, v in h.items() if k not in ("train/tokens_per_s", "train/step_seconds")}
+             for h in evald if "train/loss" in h]
+    assert train == [{k: v for k, v in h.items() if k not in ("train/tokens_per_s", "train/step_seconds")}
+                     for h in plain]
