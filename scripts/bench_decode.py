@@ -79,9 +79,7 @@ def file_prompts(path: str, tokenizer, n: int, length: int) -> list[list[int]]:
 
 def load(args):
     """(TidarLM, prompts, description)."""
-    from transformers import AutoTokenizer
-
-    from ar2diff.model import TidarLM, load_model
+    from ar2diff.model import TidarLM
 
     dtype = getattr(torch, args.dtype)
     if args.tiny:
@@ -90,15 +88,17 @@ def load(args):
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, mask_id, (args.prompts, args.prompt_len), generator=g).tolist()
         return TidarLM(lm.to(dtype).to(args.device), mask_id, block).eval(), prompts, f"random {args.tiny}"
-    lm = load_model(args.checkpoint, dtype=dtype).to(args.device)
-    mask_id, block = getattr(lm.config, "mask_token_id", None), args.block_size
-    block = block or getattr(lm.config, "tidar_block_size", None)
-    if mask_id is None or block is None:
-        raise SystemExit(f"{args.checkpoint}/config.json lacks mask_token_id or tidar_block_size: not a TiDAR export")
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    from ar2diff.checkpoint.reader import load_export
+
+    try:
+        export = load_export(args.checkpoint, dtype=dtype, device=args.device, block_size=args.block_size)
+        model = export.tidar()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--checkpoint: {err}") from None
+    tokenizer = export.tokenizer
     prompts = (file_prompts(args.prompts_file, tokenizer, args.prompts, args.prompt_len) if args.prompts_file
                else stdlib_prompts(tokenizer, args.prompts, args.prompt_len))
-    return TidarLM(lm, int(mask_id), int(block)).eval(), prompts, str(args.checkpoint)
+    return model, prompts, str(args.checkpoint)
 
 
 def timed(fn, repeats: int, device) -> tuple[list, float]:

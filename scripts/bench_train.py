@@ -60,14 +60,15 @@ def conf_model(name: str, vocab: int = TINY_VOCAB):
 
 def load_tidar(spec: str, block_size: int, device: str, dtype: torch.dtype):
     """(TidarLM, description) for a conf model name or an exported folder (its mask id and block size)."""
-    from ar2diff.model import TidarLM, load_model
+    from ar2diff.checkpoint.reader import load_export
+    from ar2diff.model import TidarLM
 
     if Path(spec).is_dir():
-        lm = load_model(spec, dtype=dtype)
-        mask_id = getattr(lm.config, "mask_token_id", None)
+        export = load_export(spec, dtype=dtype, with_tokenizer=False)
+        lm, mask_id = export.lm, export.mask_token_id
         if mask_id is None:
             raise SystemExit(f"--model {spec}: config.json has no mask_token_id (not a TiDAR export)")
-        block_size = getattr(lm.config, "tidar_block_size", None) or block_size
+        block_size = export.block_size or block_size
     else:
         lm, mask_id = conf_model(spec)
         lm = lm.to(dtype)

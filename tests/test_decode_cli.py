@@ -154,3 +154,23 @@ def test_checkpoint_without_tidar_metadata(tmp_path, capsys):
     assert "no tidar_block_size; pass --block-size" in error_of(["--checkpoint", str(no_block), "--prompt", "w1"],
                                                                capsys)
     assert main(["--checkpoint", str(no_block), "--prompt", "w1", "--block-size", "3", "--max-new-tokens", "2"]) == 0
+
+
+def test_chat_template_wraps_each_prompt_as_a_user_turn(tmp_path, capsys):
+    """--chat-template: the decoded continuation is that of the rendered chat (user turn + generation prompt), i.e.
+    the same as decoding the rendered text as a plain prompt; a tokenizer without a template is a clear error."""
+    folder = export_like(tmp_path / "sft")
+    assert "has no chat template" in error_of(["--checkpoint", str(folder), "--prompt", "w1", "--chat-template"],
+                                              capsys)
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}w30 {{ m['content'] }} w31 {% endfor %}"
+                               "{% if add_generation_prompt %}w32{% endif %}")
+    tokenizer.save_pretrained(folder)
+    args = ["--checkpoint", str(folder), "--max-new-tokens", "5", "--json", "--ignore-eos"]
+    assert main([*args, "--prompt", "w5 w6", "--chat-template"]) == 0
+    chat = json.loads(capsys.readouterr().out)["results"][0]
+    assert main([*args, "--prompt", "w30 w5 w6 w31 w32"]) == 0
+    plain = json.loads(capsys.readouterr().out)["results"][0]
+    assert main([*args, "--prompt", "w5 w6"]) == 0
+    bare = json.loads(capsys.readouterr().out)["results"][0]
+    assert chat["token_ids"] == plain["token_ids"] and chat["token_ids"] != bare["token_ids"]

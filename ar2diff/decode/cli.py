@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (ROCm builds use cuda too)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each prompt as a user turn in the tokenizer's chat template (for SFT exports)")
     return p
 
 
@@ -93,20 +95,16 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def _mask_and_block(lm, tokenizer, args) -> tuple[int, int]:
-    config_file = Path(args.checkpoint) / "config.json"
-    mask_id = getattr(lm.config, "mask_token_id", None)
-    if mask_id is None:
-        raise CliError(f"{config_file} has no mask_token_id: this is not a TiDAR checkpoint (export one with "
-                       "python -m ar2diff.export), or use --sampler ar for AR decoding")
-    tok_mask = getattr(tokenizer, "mask_token_id", None)
-    if tok_mask is not None and tok_mask != mask_id:
-        raise CliError(f"{config_file} says mask_token_id={mask_id} but the tokenizer's mask token has id {tok_mask}; "
-                       "the checkpoint's tokenizer and config disagree")
-    block_size = args.block_size if args.block_size is not None else getattr(lm.config, "tidar_block_size", None)
-    if block_size is None:
-        raise CliError(f"{config_file} has no tidar_block_size; pass --block-size")
-    return int(mask_id), int(block_size)
+def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """The prompt's token ids; with --chat-template, the text as one user turn in the tokenizer's chat template,
+    ending in the assistant's generation prompt (how an SFT export was trained to see a request)."""
+    if not chat_template:
+        return tokenizer.encode(text)
+    if not getattr(tokenizer, "chat_template", None):
+        raise CliError("--chat-template: this checkpoint's tokenizer has no chat template")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer.encode(rendered, add_special_tokens=False)
 
 
 def _eos(lm, tokenizer, ignore: bool):
@@ -120,18 +118,17 @@ def _eos(lm, tokenizer, ignore: bool):
 
 def run(args) -> dict:
     """Load, decode, return the JSON-ready report (also what `--json` prints)."""
-    from transformers import AutoTokenizer
-
-    from ar2diff.model import TidarLM, load_model
+    from ar2diff.checkpoint.reader import load_export
 
     texts = read_prompts(args)
     if args.sampler == "mixing" and args.mix_weight is None:
         raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
     if args.sampler != "mixing" and args.mix_weight is not None:
         raise CliError(f"--mix-weight applies only to --sampler mixing, not --sampler {args.sampler}")
-    lm = load_model(args.checkpoint, dtype=TORCH_DTYPES[args.dtype]).to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    prompts = [tokenizer.encode(text) for text in texts]
+    export = load_export(args.checkpoint, dtype=TORCH_DTYPES[args.dtype], device=args.device,
+                         block_size=args.block_size)
+    lm, tokenizer = export.lm, export.tokenizer
+    prompts = [encode_prompt(tokenizer, text, args.chat_template) for text in texts]
     for i, ids in enumerate(prompts):
         if not ids:
             raise CliError(f"prompt {i} ({texts[i]!r}) encodes to no tokens")
@@ -141,10 +138,10 @@ def run(args) -> dict:
         cfg = DecodeConfig(**shared)
         results = decode_ar(lm, prompts, cfg, tokenizer=tokenizer)
     else:
-        mask_id, block_size = _mask_and_block(lm, tokenizer, args)
-        cfg = TidarConfig(**shared, block_size=block_size, levels=args.levels, sampler=args.sampler,
+        model = export.tidar()
+        cfg = TidarConfig(**shared, block_size=model.block_size, levels=args.levels, sampler=args.sampler,
                           mix_weight=args.mix_weight or 0.0, drafter_temperature=args.drafter_temperature)
-        results = decode_tidar(TidarLM(lm, mask_id, block_size), prompts, cfg, tokenizer=tokenizer)
+        results = decode_tidar(model, prompts, cfg, tokenizer=tokenizer)
     return {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "settings": asdict(cfg),
             "results": [dict(prompt=text, **r.to_json()) for text, r in zip(texts, results)],
             "summary": summarize(results)}

@@ -315,20 +315,10 @@ def eos_of(lm, tokenizer):
 
 
 def load_exported(export_dir, dtype=torch.float32, device=None) -> TidarLM:
-    """A `TidarLM` around the exported transformers model (eval mode); mask id and block size from ar2diff.json,
-    cross-checked against config.json."""
-    from ar2diff.checkpoint.export_layout import BLOCK_SIZE_CONFIG_KEY, read_metadata
-    from ar2diff.model.loading import load_model
+    """A `TidarLM` around the exported transformers model (eval mode); see ar2diff.checkpoint.reader.load_export."""
+    from ar2diff.checkpoint.reader import load_export
 
-    meta = read_metadata(export_dir)
-    lm = load_model(export_dir, dtype=dtype)
-    for key, cfg_key in (("mask_token_id", "mask_token_id"), ("block_size", BLOCK_SIZE_CONFIG_KEY)):
-        if getattr(lm.config, cfg_key, meta[key]) != meta[key]:
-            raise ValueError(f"{export_dir}: config.json {cfg_key}={getattr(lm.config, cfg_key)} disagrees with "
-                             f"ar2diff.json {key}={meta[key]}; export the checkpoint again")
-    if device is not None:
-        lm = lm.to(device)
-    return TidarLM(lm, int(meta["mask_token_id"]), int(meta["block_size"])).eval()
+    return load_export(export_dir, dtype=dtype, device=device, with_tokenizer=False).tidar()
 
 
 def default_device() -> torch.device:
