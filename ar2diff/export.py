@@ -11,10 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ar2diff.checkpoint.export import consolidated_state_dict, export_checkpoint
 from ar2diff.dtypes import TORCH_DTYPES
 
 __all__ = ["consolidated_state_dict", "export_checkpoint", "main", "parse_args"]
+
+
+def __getattr__(name: str):
+    """The export functions, loaded on first use (DeepSpeed is imported only when a checkpoint is read)."""
+    if name in ("consolidated_state_dict", "export_checkpoint"):
+        from ar2diff.checkpoint import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'ar2diff.export' has no attribute {name!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from ar2diff.checkpoint.export import export_checkpoint
+
     try:
         out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, base=args.base, dtype=args.dtype,
                                      block_size=args.block_size, max_shard_size=args.max_shard_size,

@@ -6,11 +6,12 @@ the W&B calls go to a no-op stand-in.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from ar2diff.atomic import write_json_atomic
 
 
 class _NoRun:
@@ -76,14 +77,6 @@ class RunLogger:
 
     def finish(self) -> None:
         self.run.finish()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

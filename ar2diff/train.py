@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.config.schema import PhaseConfig
-from ar2diff.logging import write_json_atomic
+from ar2diff.atomic import write_json_atomic
 
 
 def default_run_dir(name: str) -> Path:

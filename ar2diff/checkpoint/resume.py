@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from ar2diff.atomic import write_json_atomic, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "ar2diff_complete.json"
@@ -126,17 +128,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 23), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: dict | str) -> None:
-    """Write to ``path.tmp-<pid>``, fsync, then os.replace: readers see the old file or the new one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    text = payload if isinstance(payload, str) else json.dumps(payload, indent=2, sort_keys=True)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def check_manifest(tag_dir: Path, verify: Verify = "size") -> tuple[dict | None, str]:
@@ -302,7 +293,7 @@ def _commit(root: Path, tag: str, marker: dict, keep_last: int | None) -> None:
     """Rank 0: marker, then rename ``.partial`` -> tag (replacing an older save of the same step), then
     the ``latest`` pointer, then pruning. Each step leaves no folder that looks complete but is not."""
     partial_dir, final_dir = root / f"{tag}{PARTIAL_SUFFIX}", root / tag
-    _write_json_atomic(partial_dir / MARKER_NAME, marker)
+    write_json_atomic(partial_dir / MARKER_NAME, marker, fsync=True, sort_keys=True)
     if final_dir.exists():
         replaced = root / f"{tag}{REPLACED_SUFFIX}"
         if replaced.exists():
@@ -312,7 +303,7 @@ def _commit(root: Path, tag: str, marker: dict, keep_last: int | None) -> None:
         _remove_checkpoint_dir(replaced)
     else:
         os.replace(partial_dir, final_dir)
-    _write_json_atomic(root / LATEST_NAME, tag)
+    write_text_atomic(root / LATEST_NAME, tag, fsync=True)
     if keep_last is not None:
         prune_checkpoints(root, keep_last, protect_tag=tag)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ar2diff.config.engine import EngineConfig, ScheduleConfig
+from ar2diff.config.engine import EngineConfig
+from ar2diff.config.schedule import ScheduleConfig
 from ar2diff.data.config import DataConfig
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")

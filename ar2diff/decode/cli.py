@@ -14,7 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ar2diff.decode.ar import DecodeConfig, decode_ar, summarize
+from ar2diff.decode.ar import decode_ar
+from ar2diff.decode.common import DecodeConfig, eos_of, summarize
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.dtypes import TORCH_DTYPES
 
@@ -107,15 +108,6 @@ def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
-def _eos(lm, tokenizer, ignore: bool):
-    if ignore:
-        return None
-    eos = getattr(lm.generation_config, "eos_token_id", None) if getattr(lm, "generation_config", None) else None
-    eos = eos if eos is not None else lm.config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return tuple(eos) if isinstance(eos, list) else eos
-
-
 def run(args) -> dict:
     """Load, decode, return the JSON-ready report (also what `--json` prints)."""
     from ar2diff.checkpoint.reader import load_export
@@ -133,7 +125,7 @@ def run(args) -> dict:
         if not ids:
             raise CliError(f"prompt {i} ({texts[i]!r}) encodes to no tokens")
     shared = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  eos_token_id=_eos(lm, tokenizer, args.ignore_eos), seed=args.seed)
+                  eos_token_id=None if args.ignore_eos else eos_of(lm, tokenizer), seed=args.seed)
     if args.sampler == "ar":
         cfg = DecodeConfig(**shared)
         results = decode_ar(lm, prompts, cfg, tokenizer=tokenizer)

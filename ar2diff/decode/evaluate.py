@@ -32,16 +32,18 @@ import torch
 import torch.nn.functional as F
 
 from ar2diff.config.schema import DecoderEvalConfig
-from ar2diff.decode.ar import DecodeConfig, DecodeResult, decode_ar, inference, model_device, summarize
+from ar2diff.decode.ar import decode_ar
+from ar2diff.decode.common import (DecodeConfig, DecodeResult, eos_of, inference,  # noqa: F401 (eos_of re-exported)
+                                   model_device, summarize)
 from ar2diff.decode.projection import ACCELERATORS, ModelShape, project_speedup
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
-from ar2diff.logging import write_json_atomic
+from ar2diff.atomic import write_json_atomic
+from ar2diff.model.params import NUM_EXPERTS_KEYS, total_and_expert_params
 from ar2diff.model.tidar import TidarLM
 from ar2diff.objective import TidarObjective
 
 QUALITY_TEMPERATURE = 1.0
 PROJECTION_CONTEXT = 4096
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 # --- held-out rows: losses and prompts ---------------------------------------------------------------------------
@@ -148,10 +150,7 @@ def model_shape(lm) -> ModelShape:
     Routed expert weights are the parameters under an `.experts.` module; a token uses top_k / num_experts of them.
     """
     config = lm.config
-    total = expert = 0
-    for name, p in lm.named_parameters():
-        total += p.numel()
-        expert += p.numel() if ".experts." in f".{name}" else 0
+    total, expert = total_and_expert_params(lm)
     num_experts = next((getattr(config, k) for k in NUM_EXPERTS_KEYS if getattr(config, k, None)), 1)
     top_k = getattr(config, "num_experts_per_tok", None) or 1
     routed = expert > 0 and num_experts > top_k
@@ -303,15 +302,6 @@ def write_eval(result: dict, folders, logger=None, step: int = 0) -> list[Path]:
             logger.log_image(f"eval/acceptance/{name}", png, step)
         logger.update_summary({"eval": summary_subset(result)})
     return paths
-
-
-def eos_of(lm, tokenizer):
-    """The EOS id(s) generation stops at: the generation config's, else the model config's, else the tokenizer's."""
-    gen = getattr(lm, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    eos = eos if eos is not None else getattr(lm.config, "eos_token_id", None)
-    eos = eos if eos is not None or tokenizer is None else tokenizer.eos_token_id
-    return tuple(eos) if isinstance(eos, list) else eos
 
 
 def load_exported(export_dir, dtype=torch.float32, device=None) -> TidarLM:

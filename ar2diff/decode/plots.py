@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ar2diff.atomic import atomic_path
+
 
 def save_acceptance_histogram(histogram: list[int], path: str | Path, title: str = "") -> Path:
     """A bar chart of forwards per number of accepted drafts, saved as PNG at `path` (written via a temporary
@@ -27,9 +29,8 @@ def save_acceptance_histogram(histogram: list[int], path: str | Path, title: str
     ax.set_xticks(range(len(histogram)))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 

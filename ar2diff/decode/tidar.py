@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ar2diff.decode.ar import (DecodeConfig, DecodeResult, check_prompts, decode_text, finish, inference,
-                               model_device)
+from ar2diff.decode.common import (DecodeConfig, DecodeResult, check_prompts, decode_text, finish, inference,
+                                   model_device)
 from ar2diff.decode.samplers import probs_from_logits, sample, verify_lossless, verify_mixing
 from ar2diff.decode.step_layout import (StepLayout, build_step_layout, level_for, next_draft_rows, parse_levels,
                                         slice_meta, step_levels)

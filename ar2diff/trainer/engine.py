@@ -6,15 +6,15 @@ it takes ~45 s to build on CPU and is not needed for correctness) and the Lambda
 hands both to ``deepspeed.initialize``. The training loop then calls ``engine(...)``, ``engine.backward(loss)``
 and ``engine.step()``.
 
-Parameter counts and a FLOPs-per-token estimate for MFU live here too, because "active parameters" of an MoE
-is a trainer-side notion (what one token's forward touches).
+The FLOPs-per-token estimate for MFU lives here too; parameter counts (total, active, matmul-active) are
+ar2diff/model/params.py's.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -22,14 +22,12 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.module_inject.auto_ep_presets.registry import get_preset, preset_name_for_hf_model_type
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from ar2diff.config.engine import PRECISIONS, EngineConfig, ScheduleConfig  # noqa: F401 (re-exported)
+from ar2diff.config.engine import PRECISIONS, EngineConfig  # noqa: F401 (re-exported)
+from ar2diff.config.schedule import ScheduleConfig  # noqa: F401 (re-exported)
+from ar2diff.model.params import (NUM_EXPERTS_KEYS, TOP_K_KEYS, ParamCount,  # noqa: F401 (re-exported)
+                                  count_params)
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.schedule import build_lr_scheduler
-
-# Config attributes HF MoE configs use for the number of routed experts and the experts each token uses.
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
-
 
 
 def build_ds_config(cfg: EngineConfig, world_size: int, *, on_cpu: bool = False,
@@ -165,61 +163,6 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, schedule_cfg: Schedu
         dist_init_required=False,
     )
     return engine
-
-
-class ParamCount(NamedTuple):
-    """Parameter counts: ``active`` is what one token's forward uses (None for an MoE whose config lacks the
-    expert counts); ``matmul_active`` drops the input-embedding lookup (kept when tied to the output head)."""
-
-    total: int
-    active: int | None
-    matmul_active: int | None
-
-
-def _first_attr(config: Any, keys: tuple[str, ...]) -> int | None:
-    for key in keys:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def count_params(model: torch.nn.Module) -> ParamCount:
-    """Count parameters of an unwrapped model (call before ``build_engine``: AutoEP shards experts).
-
-    Expert weights are the parameters under an ``.experts.`` module; an MoE token uses ``top_k / num_experts``
-    of them, read from the HF config (``num_experts``/``num_local_experts``/``n_routed_experts`` and
-    ``num_experts_per_tok``). Shared experts and routers count as always active.
-    """
-    total = expert = 0
-    for name, param in model.named_parameters():
-        numel = getattr(param, "ds_numel", param.numel())
-        total += numel
-        if ".experts." in f".{name}":
-            expert += numel
-    config = getattr(model, "config", None)
-    num_experts, top_k = _first_attr(config, NUM_EXPERTS_KEYS), _first_attr(config, TOP_K_KEYS)
-    if expert == 0:
-        active = total
-    elif num_experts and top_k:
-        active = total - expert + expert * top_k // num_experts
-    else:
-        return ParamCount(total, None, None)
-    embedding = _embedding_lookup_numel(model)
-    return ParamCount(total, active, active - embedding)
-
-
-def _embedding_lookup_numel(model: torch.nn.Module) -> int:
-    """Input-embedding parameters that are only looked up (0 when tied: the tied matrix is the LM head)."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    embeddings = get_in() if get_in else None
-    if embeddings is None:
-        return 0
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if get_out else None
-    if head is not None and head.weight is embeddings.weight:
-        return 0
-    return getattr(embeddings.weight, "ds_numel", embeddings.weight.numel())
 
 
 def flops_per_token(model_config: Any, seq_len: int, matmul_active_params: int | None = None) -> float:

@@ -72,7 +72,8 @@ class PhaseTrainer:
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
         from ar2diff.checkpoint import load_checkpoint, save_run_assets
-        from ar2diff.trainer.engine import build_engine, count_params
+        from ar2diff.model.params import count_params
+        from ar2diff.trainer.engine import build_engine
 
         cfg, ctx = self.cfg, init_distributed()
         cfg.validate(ctx.world_size)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ar2diff.config.engine import DECAY_SHAPES, SCHEDULES, ScheduleConfig, decay_steps, warmup_steps  # noqa: F401
+from ar2diff.config.schedule import DECAY_SHAPES, SCHEDULES, ScheduleConfig, decay_steps, warmup_steps  # noqa: F401
 
 
 
