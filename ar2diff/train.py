@@ -3,7 +3,9 @@
 A pipeline (recipe with `pipeline:`) runs its phases in order; each phase is composed as
 `recipe=<phase recipe> <phase overrides> <your overrides>` and starts from the previous phase's export.
 Outputs: `outputs/<recipe>/<timestamp>/` (or `run_dir=`), one folder per phase with `export/`, `summary.json`
-and `eval.json`.
+and `eval.json`; every run (and pipeline phase) folder holds `config.yaml` (resolved) and `overrides.yaml`. The
+start-up lines name the run folder and the command that resumes it. `--multirun` sweeps put one folder per job,
+named by its swept overrides, next to Hydra's `multirun.yaml`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from ar2diff.atomic import write_json_atomic
 from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.config.schema import PhaseConfig
-from ar2diff.atomic import write_json_atomic
+from ar2diff.run_folder import announce, sweep_job_dirname, write_run_record
+
+# hydra.sweep.dir in conf/config.yaml: run_dir= when given, else a new folder under outputs/<name>/
+OmegaConf.register_new_resolver("ar2diff_or", lambda value, default: default if value is None else value,
+                                replace=True)
 
 
 def default_run_dir(name: str) -> Path:
@@ -33,10 +40,20 @@ def default_run_dir(name: str) -> Path:
     return Path("outputs") / name / stamp[0]
 
 
-def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbacks: list = ()):
-    """Train one phase with the built-in callbacks (+ `callbacks`); the decoder check for a TiDAR phase."""
+def _on_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbacks: list = (),
+              overrides: list[str] | None = None):
+    """Train one phase with the built-in callbacks (+ `callbacks`); the decoder check for a TiDAR phase.
+    `overrides` (when given) are recorded with the resolved config in the phase folder."""
     from ar2diff.trainer.phase import PhaseTrainer
 
+    if overrides is not None and _on_rank0():
+        write_run_record(run_dir, cfg, overrides)
     decoder_check = cfg.objective.kind == "tidar" and cfg.decoder.enabled
     return PhaseTrainer(cfg, run_dir, group=group or cfg.logger.group, callbacks=list(callbacks),
                         decoder_check=decoder_check).run()
@@ -57,7 +74,7 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
         if previous is not None:
             overrides.append(f"model.path={previous}")
         phase_cfg = compose(overrides)
-        result = run_phase(phase_cfg, run_dir / f"{i}_{phase_cfg.phase}", group=group)
+        result = run_phase(phase_cfg, run_dir / f"{i}_{phase_cfg.phase}", group=group, overrides=overrides)
         results.append(result)
         previous = result.export_dir
     write_json_atomic(run_dir / "pipeline.json", {
@@ -71,14 +88,22 @@ def run(cfg: PhaseConfig, overrides: list[str] = ()) -> list:
     """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does)."""
     from ar2diff.trainer.distributed import init_distributed
 
-    cfg.validate(init_distributed().world_size)  # fail before any work; each phase validates its own config too
+    world_size = init_distributed().world_size
+    cfg.validate(world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
+    if _on_rank0():
+        announce(run_dir, list(overrides), world_size)
     if cfg.pipeline:
+        if _on_rank0():
+            write_run_record(run_dir, cfg, list(overrides))
         return run_pipeline(cfg, list(overrides), run_dir)
-    return [run_phase(cfg, run_dir)]
+    return [run_phase(cfg, run_dir, overrides=list(overrides))]
 
 
-_SWEEP_DIRS: dict[str, str] = {}  # the jobs of a --multirun sweep run in this process and share its folder
+NO_RECIPE = """python -m ar2diff.train needs a recipe (or overrides saying what to train); nothing was started.
+  python -m ar2diff.train recipe=quickstart            # the whole pipeline at toy scale, on any CPU (~6 min)
+  python -m ar2diff.train recipe=tidar_midtrain model.path=/ckpt/ZAYA1-8B data.sources.0.path='/data/*.jsonl'
+  python -m ar2diff.train --help                       # recipes, config groups and the main knobs"""
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -88,11 +113,13 @@ def main(dict_cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ar2diff").setLevel(logging.INFO)
     hydra_cfg = HydraConfig.get()
+    task = list(hydra_cfg.overrides.task)
+    if not task:
+        raise SystemExit(NO_RECIPE)
     cfg = to_phase_config(dict_cfg)
-    if hydra_cfg.mode.name == "MULTIRUN":  # one folder per sweep, one subfolder per job
-        base = cfg.run_dir or _SWEEP_DIRS.setdefault(cfg.name, str(default_run_dir(cfg.name)))
-        cfg.run_dir = f"{base}/{hydra_cfg.job.num}"
-    run(cfg, list(hydra_cfg.overrides.task))
+    if hydra_cfg.mode.name == "MULTIRUN":  # the sweep folder (run_dir= or a new one) holds multirun.yaml + the jobs
+        cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / sweep_job_dirname(task, job_num=hydra_cfg.job.num))
+    run(cfg, task)
 
 
 if __name__ == "__main__":

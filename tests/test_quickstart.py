@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from test_train import env
@@ -43,6 +44,9 @@ def test_quickstart_pipeline(tmp_path):
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
+    assert f"run folder: {run_dir}" in proc.stdout and f"run_dir={run_dir}" in proc.stdout  # the resume command
+    assert OmegaConf.load(run_dir / "config.yaml").name == "quickstart"
+    assert "recipe=quickstart" in list(OmegaConf.load(run_dir / "overrides.yaml"))
     pipeline = json.loads((run_dir / "pipeline.json").read_text())
     phases = [p["phase"] for p in pipeline["phases"]]
     assert phases == ["ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft"]
@@ -55,6 +59,12 @@ def test_quickstart_pipeline(tmp_path):
         assert summary["history"] and summary["tokens_seen"] >= 2048
         assert meta["base_model"] == ("scratch" if previous is None else str(previous))
         assert list((phase_dir / "wandb").glob("offline-run-*")), "one W&B run per phase"
+        # the phase folder explains itself: its resolved config (as trained) and the overrides that made it
+        resolved = OmegaConf.load(phase_dir / "config.yaml")
+        assert resolved.phase == p["phase"] and resolved.data.seq_len == summary["budget"]["seq_len"]
+        assert resolved.budget.tokens == summary["budget"]["tokens"]
+        assert f"run_dir={run_dir}" not in OmegaConf.load(phase_dir / "overrides.yaml")
+        assert f"recipe={p['phase']}" in list(OmegaConf.load(phase_dir / "overrides.yaml"))
         lm = AutoModelForCausalLM.from_pretrained(export)  # loads with no ar2diff code
         if p["phase"] == "ar_pretrain":
             assert meta["mask_token_id"] is None and not (export / "eval.json").exists()

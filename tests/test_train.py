@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from launch import run_ranks
 
@@ -104,7 +105,9 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path, cache):
     run_dir = tmp_path / "sweep"
     cmd = train_cmd(run_dir, cache, "budget.tokens=512", "trainer.ckpt_every=100")
     run([*cmd[:3], "--multirun", *cmd[3:], "objective.alpha=0.5,2.0"])
-    for job, alpha in (("0", 0.5), ("1", 2.0)):
+    assert (run_dir / "multirun.yaml").is_file()  # Hydra's sweep record next to the job folders
+    for job, alpha in (("objective.alpha=0.5", 0.5), ("objective.alpha=2.0", 2.0)):
+        assert OmegaConf.load(run_dir / job / "config.yaml").objective.alpha == alpha
         summary = json.loads((run_dir / job / "summary.json").read_text())
         (row,) = [h for h in summary["history"] if h["step"] == 2]
         expected = (alpha * row["train/loss_ar"] + row["train/loss_diff"]) / (1 + alpha)

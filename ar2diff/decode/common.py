@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
 class DecodeConfig:
     """Settings shared by the AR and TiDAR decoders.
 
