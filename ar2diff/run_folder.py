@@ -29,7 +29,7 @@ def resume_command(overrides: list[str], run_dir: str | Path) -> str:
 def announce(run_dir: str | Path, overrides: list[str], world_size: int = 1) -> None:
     """Print (call on rank 0) the run folder and how to resume or re-run it."""
     print(f"[ar2diff] run folder: {Path(run_dir).resolve()}", flush=True)
-    launcher = "" if world_size == 1 else f" (launch it as now, with {world_size} ranks: torchrun ... -m ar2diff.train ...)"
+    launcher = "" if world_size == 1 else f" (launched as now: torchrun ... {world_size} ranks ... -m ar2diff.train ...)"
     print(f"[ar2diff] resume / re-run with{launcher}:\n  {resume_command(overrides, run_dir)}", flush=True)
 
 

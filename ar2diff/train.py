@@ -19,12 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from ar2diff.atomic import write_json_atomic
 from ar2diff.config.compose import compose, to_phase_config
+from ar2diff.config.paths import CONF_DIR, RECIPES_DIR, search_path_override, user_search_path
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.run_folder import announce, sweep_job_dirname, write_run_record
 
 # hydra.sweep.dir in conf/config.yaml: run_dir= when given, else a new folder under outputs/<name>/
 OmegaConf.register_new_resolver("ar2diff_or", lambda value, default: default if value is None else value,
                                 replace=True)
+# --help: the built-in recipes (Hydra lists only the groups of conf/ itself)
+OmegaConf.register_new_resolver(
+    "ar2diff_recipes", lambda: ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))), replace=True)
 
 
 def default_run_dir(name: str) -> Path:
@@ -84,15 +88,16 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
     return results
 
 
-def run(cfg: PhaseConfig, overrides: list[str] = ()) -> list:
-    """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does)."""
+def run(cfg: PhaseConfig, overrides: list[str] = (), resume_overrides: list[str] | None = None) -> list:
+    """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does). The start-up lines
+    print the resume command with `resume_overrides` (default: `overrides`)."""
     from ar2diff.trainer.distributed import init_distributed
 
     world_size = init_distributed().world_size
     cfg.validate(world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
     if _on_rank0():
-        announce(run_dir, list(overrides), world_size)
+        announce(run_dir, list(overrides if resume_overrides is None else resume_overrides), world_size)
     if cfg.pipeline:
         if _on_rank0():
             write_run_record(run_dir, cfg, list(overrides))
@@ -106,8 +111,8 @@ NO_RECIPE = """python -m ar2diff.train needs a recipe (or overrides saying what 
   python -m ar2diff.train --help                       # recipes, config groups and the main knobs"""
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(dict_cfg: DictConfig) -> None:
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(dict_cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -119,7 +124,16 @@ def main(dict_cfg: DictConfig) -> None:
     cfg = to_phase_config(dict_cfg)
     if hydra_cfg.mode.name == "MULTIRUN":  # the sweep folder (run_dir= or a new one) holds multirun.yaml + the jobs
         cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / sweep_job_dirname(task, job_num=hydra_cfg.job.num))
-    run(cfg, task)
+    run(cfg, task, resume_overrides=[*user_search_path(list(hydra_cfg.overrides.hydra)), *task])
+
+
+def main() -> None:
+    """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
+    import sys
+
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    sys.argv[1:] = flags + search_path_override([a for a in sys.argv[1:] if not a.startswith("-")])
+    hydra_main()
 
 
 if __name__ == "__main__":

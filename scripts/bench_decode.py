@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="exported checkpoint folder (config.json, safetensors, tokenizer)")
     p.add_argument("--tiny", nargs="?", const="tiny_qwen3_moe", default=None, metavar="CONF_MODEL",
-                   help="benchmark a random model from ar2diff/conf/model/<name>.yaml instead (default "
+                   help="benchmark a random model from conf/model/<name>.yaml instead (default "
                         "tiny_qwen3_moe; tiny_zaya recomputes the prefix every TiDAR step)")
     p.add_argument("--prompts", type=int, default=4, help="number of prompts")
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-CONF_MODELS = Path(__file__).resolve().parents[1] / "ar2diff" / "conf" / "model"
+CONF_MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 TINY_VOCAB = 512  # conf models take vocab_size from the tokenizer; a fixed one here (the last id is [MASK])
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def conf_model(name: str, vocab: int = TINY_VOCAB):
-    """A random-init causal LM from ar2diff/conf/model/<name>.yaml, with `vocab` ids; returns (lm, mask id)."""
+    """A random-init causal LM from conf/model/<name>.yaml, with `vocab` ids; returns (lm, mask id)."""
     from omegaconf import OmegaConf
 
     from ar2diff.model import build_model

@@ -8,12 +8,13 @@ from ar2diff.config.budget import plan_budget
 from ar2diff.config.compose import compose
 from ar2diff.trainer.phase import phase_budget
 
-CONF = Path(__file__).parents[1] / "ar2diff" / "conf"
+CONF = Path(__file__).parents[1] / "conf"
+RECIPES = Path(__file__).parents[1] / "recipes"
 CLUSTER = ["model.path=/ckpt/ZAYA1-8B", "data.sources.0.path=/data/*.jsonl"]
 PIPELINE_INPUTS = ["inputs.pretrain_data=/data/pre/*.jsonl", "inputs.chat_data=/data/chat/*.jsonl"]
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_composes_and_validates(recipe):
     embedded = recipe in ("ar_pretrain", "quickstart")  # run on the embedded default: nothing to point at
     inputs = PIPELINE_INPUTS if recipe == "tidar_pipeline" else []
@@ -29,7 +30,7 @@ def test_every_recipe_composes_and_validates(recipe):
         previous = "/run/previous/export"
 
 
-@pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "recipe"))
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
 def test_every_config_group_option_composes(group):
     for option in sorted((CONF / group).glob("*.yaml")):
         cfg = compose([f"{group}={option.stem}", *CLUSTER, "data.chat=true" if "chat" in option.stem else "seed=0",

@@ -63,7 +63,8 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients():
         results = []
         for chunk in (None, 5):  # 5 divides neither the AR (35) nor the diffusion (38) token count
             lm.zero_grad(set_to_none=True)
-            out = TidarObjective(TidarLM(lm, MASK_ID, block_size=4), alpha=2.0, loss_chunk_size=chunk)(ids, doc_ids=docs)
+            objective = TidarObjective(TidarLM(lm, MASK_ID, block_size=4), alpha=2.0, loss_chunk_size=chunk)
+            out = objective(ids, doc_ids=docs)
             out.loss.backward()
             results.append((out.terms, {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}))
         (full, g_full), (chunked, g_chunked) = results

@@ -7,7 +7,6 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from ar2diff.config.schema import PhaseConfig
 
-CONFIG_MODULE = "ar2diff.conf"
 
 
 def to_phase_config(cfg: DictConfig) -> PhaseConfig:
@@ -25,12 +24,16 @@ def to_phase_config(cfg: DictConfig) -> PhaseConfig:
 
 
 def compose(overrides: list[str]) -> PhaseConfig:
-    """Compose `config.yaml` with Hydra overrides (works inside and outside a @hydra.main app)."""
+    """Compose conf/config.yaml with Hydra overrides, recipes from recipes/ (and from any `hydra.searchpath`
+    folder given); works inside and outside a @hydra.main app, from any working directory."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from ar2diff.config.paths import CONF_DIR, search_path_override
+
+    overrides = search_path_override(list(overrides))
     if GlobalHydra.instance().is_initialized():
-        return to_phase_config(hydra_compose(config_name="config", overrides=list(overrides)))
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return to_phase_config(hydra_compose(config_name="config", overrides=list(overrides)))
+        return to_phase_config(hydra_compose(config_name="config", overrides=overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_phase_config(hydra_compose(config_name="config", overrides=overrides))

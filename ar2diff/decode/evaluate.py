@@ -192,7 +192,8 @@ def run_decoder(model: TidarLM, prompts: list[list[int]], cfg: DecodeConfig, tok
     return decode_ar(model, prompts, cfg, tokenizer=tokenizer)
 
 
-def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch.Tensor], dcfg: DecoderEvalConfig, eos_id,
+def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch.Tensor], dcfg: DecoderEvalConfig,
+                        eos_id,
                         heldout_batches: int, micro_batch: int, tokenizer=None) -> dict:
     """The phase-end numbers for one model (see the module docstring); a JSON-ready dict, `eval.json`'s content.
 
