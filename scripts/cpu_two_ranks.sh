@@ -7,4 +7,4 @@
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export WANDB_MODE=${WANDB_MODE:-offline}
-exec python -m torch.distributed.run --standalone --nproc_per_node 2 -m ar2diff.train "$@"
+exec "${PYTHON:-python3}" -m torch.distributed.run --standalone --nproc_per_node 2 -m ar2diff.train "$@"

@@ -65,6 +65,19 @@ class RecipesSource(FileConfigSource):
 
 
 SourcesRegistry.instance().register(RecipesSource)
+
+
+def _store_schema() -> None:
+    """The typed defaults (config/schema.py's PhaseConfig) as the base of conf/config.yaml (`- ar2diff_schema`), so
+    YAML states only what differs from them and every schema key is overridable."""
+    from hydra.core.config_store import ConfigStore
+
+    from ar2diff.config.schema import PhaseConfig
+
+    ConfigStore.instance().store(name="ar2diff_schema", node=PhaseConfig)
+
+
+_store_schema()
 BUILTIN_SEARCH_PATH = f"recipes://{RECIPES_DIR}"
 
 
