@@ -1,7 +1,7 @@
 """Where the configs live: the top-level `conf/` (config groups) and `recipes/` (phase recipes, the `recipe` group).
 
 In a source checkout they are the repository's `conf/` and `recipes/`; in an installed wheel they are mapped into
-the package at build time (`ar2diff/conf/`, `ar2diff/recipes/`, see pyproject.toml), so every working directory
+the package at build time (`ar2diff/conf/`, `ar2diff/recipes/`, see setup.py), so every working directory
 and every install finds the same configs. Hydra sees `recipes/` through the `recipes://DIR` config source, which
 serves DIR's YAML files as the `recipe` group; user recipe folders are ordinary Hydra search-path entries
 (`hydra.searchpath=[file://DIR]` with DIR/recipe/NAME.yaml), merged with the built-in one by `search_path_override`.
