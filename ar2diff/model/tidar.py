@@ -21,6 +21,7 @@ from ar2diff.model.attention import attention_mask_for
 from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, causal_meta, positions_from_docs,
                                   sample_draft_mask)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
+from ar2diff.model.sequence_shard import sharded_tidar_forward
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter
 from ar2diff.objective import LossTerms, ar_loss, tidar_loss, tidar_loss_from_hidden
 
@@ -66,6 +67,8 @@ class TidarLM(nn.Module):
         self.balancing_loss_fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
         default_coef = getattr(lm.config, "router_aux_loss_coef", 0.0) if self.balancing_loss_fn else 0.0
         self.aux_coef = default_coef if aux_coef is None else aux_coef
+        # Set by ar2diff.trainer.sequence_parallel: forward then computes this rank's share of a sharded row.
+        self.sequence_parallel = None
 
     @property
     def config(self):
@@ -89,9 +92,10 @@ class TidarLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(input_ids_BS.min())}, "
                              f"{int(input_ids_BS.max())}]: the tokenizer does not match the model")
 
-    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta):
-        """The attention mask in the shape this architecture's forward takes (a dict per layer type for some)."""
-        impl = self.config._attn_implementation
+    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta, impl: str | None = None):
+        """The attention mask in the shape this architecture's forward takes (a dict per layer type for some).
+        `impl` overrides the model's attention implementation (sequence parallelism wraps it)."""
+        impl = impl or self.config._attn_implementation
         dtype = self.lm.get_input_embeddings().weight.dtype
         mask = attention_mask_for(impl, q_meta, k_meta, dtype=dtype)
         layer_types = getattr(self.config, "layer_types", None)
@@ -153,6 +157,9 @@ class TidarLM(nn.Module):
         (or, for objective="ar", the plain next-token loss)."""
         if self.objective == "ar":
             return self.forward_ar(input_ids, doc_ids, position_ids, loss_mask, return_logits=return_logits)
+        if self.sequence_parallel is not None:
+            return sharded_tidar_forward(self, self.sequence_parallel, input_ids, doc_ids, position_ids, loss_mask,
+                                         generator, return_logits)
         self.check_input(input_ids)
         B, S = input_ids.shape
         doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.long()

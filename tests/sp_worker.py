@@ -1,0 +1,109 @@
+"""Worker for tests/test_sequence_parallel.py, run under `torchrun --nproc_per_node 2` (gloo, CPU).
+
+`--mode model`: for each tiny architecture, a TidarLM whose rows are sharded over the 2 ranks (sequence parallel
+size 2) against the same TidarLM unsharded in this process: the summed loss shares and the summed gradients.
+`--mode engine`: the same through `deepspeed.initialize` (via ar2diff's build_engine) for ZeRO stages, plus the
+measured gradient-reduction rule of each stage. `--mode stock`: DeepSpeed's own `register_with_transformers`.
+Rank 0 writes a JSON of results to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ar2diff" / "torch_extensions"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from tiny import MASK_ID, TINY_CONFIGS, randomize  # noqa: E402
+
+SEQ = 16
+BLOCK = 4
+ARCHS = {
+    "llama": {},
+    # look-back 3 (cca_time0=3, cca_time1=2): the halo spans several positions of both streams
+    "zaya": {"cca_time0": 3, "cca_time1": 2},
+    "qwen3_moe": {"router_aux_loss_coef": 0.1},
+}
+
+
+def batch() -> dict:
+    """Two packed rows of SEQ tokens. Row 0: documents of 3, 9 and 4 tokens, so the block [3, 7) ... [7, 11) of the
+    second document straddles the shard edge at 8; row 1: one document ending in 2 padding tokens (doc -1)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, MASK_ID, (2, SEQ), generator=g)
+    docs = torch.tensor([[0] * 3 + [1] * 9 + [2] * 4, [0] * 14 + [-1] * 2])
+    loss_mask = torch.ones(2, SEQ, dtype=torch.bool)
+    loss_mask[1, :5] = False  # a prompt without loss, as in SFT
+    return {"input_ids": ids, "doc_ids": docs, "loss_mask": loss_mask}
+
+
+def tidar_model(arch: str, mask_ratio: float = 0.5):
+    from ar2diff.model import TidarLM, build_model
+
+    lm = randomize(build_model({**TINY_CONFIGS[arch], **ARCHS[arch]}, attn_implementation="sdpa", seed=0), 0)
+    model = TidarLM(lm, MASK_ID, BLOCK, mask_ratio=mask_ratio, aux_coef=0.1 if arch == "qwen3_moe" else None)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def rel_errors(got: dict, want: dict) -> dict[str, float]:
+    return {n: float((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-30)) for n in want}
+
+
+def model_mode() -> dict:
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, sequence_parallel_mpu
+
+    group = sequence_parallel_mpu(2).get_sequence_parallel_group()
+    results = {}
+    for arch in ARCHS:
+        b = batch()
+        reference = tidar_model(arch)
+        ref = reference(**b, generator=torch.Generator().manual_seed(3))
+        ref.loss.backward()
+        model = tidar_model(arch)
+        install_sequence_parallel(model, group, micro_batch_size=2)
+        out = model(**b, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss, group=group)
+        got = grads(model)
+        for g in got.values():
+            dist.all_reduce(g, group=group)
+        terms = {k: torch.tensor(float(v)) for k, v in out.terms.log_dict().items()}
+        for v in terms.values():
+            dist.all_reduce(v, group=group)
+        results[arch] = {"loss": float(loss), "ref_loss": float(ref.loss), "grad_rel": rel_errors(got, grads(reference)),
+                         "terms": {k: float(v) for k, v in terms.items()}, "ref_terms": ref.terms.log_dict(),
+                         "ref_aux": float(ref.terms.aux)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", required=True, choices=["model"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from ar2diff.trainer.distributed import init_distributed
+
+    init_distributed()
+    torch.set_num_threads(1)
+    results = {"model": model_mode}[args.mode]()
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
