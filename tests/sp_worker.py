@@ -89,16 +89,63 @@ def model_mode() -> dict:
     return results
 
 
+# ZeRO stage / reduce-scatter cases measured through deepspeed.initialize (build_engine), SP=2 on 2 ranks.
+ENGINE_CASES = [
+    {"name": "zero0", "arch": "llama", "zero_stage": 0},
+    {"name": "zero1", "arch": "llama", "zero_stage": 1},
+    {"name": "zero2", "arch": "llama", "zero_stage": 2},
+    {"name": "zero2_no_rs", "arch": "llama", "zero_stage": 2, "reduce_scatter": False},
+    {"name": "zero3", "arch": "llama", "zero_stage": 3},
+    {"name": "zero3_no_rs", "arch": "llama", "zero_stage": 3, "reduce_scatter": False},
+    {"name": "zero1_zaya", "arch": "zaya", "zero_stage": 1},
+    {"name": "zero2_qwen3_moe", "arch": "qwen3_moe", "zero_stage": 2},
+]
+
+
+def engine_mode() -> dict:
+    """Per case: the measured ratio of DeepSpeed's reduced gradient of the raw loss shares to the unsharded gradient
+    (1: summed over the group, 1/P: averaged), and the error of the gradient of the scaled share (what the trainer
+    backpropagates) against the unsharded gradient. Full gradients: `safe_get_full_grad` (ZeRO-3 gathers)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from ar2diff.trainer.engine import EngineConfig, build_engine
+    from ar2diff.trainer.schedule import ScheduleConfig
+    from ar2diff.trainer.sequence_parallel import loss_scale
+
+    results = {}
+    for case in ENGINE_CASES:
+        b = batch()
+        reference = tidar_model(case["arch"])
+        reference(**b, generator=torch.Generator().manual_seed(3)).loss.backward()
+        want = grads(reference)
+        cfg = EngineConfig(zero_stage=case["zero_stage"], reduce_scatter=case.get("reduce_scatter", True),
+                           precision="fp32", micro_batch_size=2, sequence_parallel_size=2,
+                           activation_checkpointing=True)
+        model = tidar_model(case["arch"])
+        engine = build_engine(model, cfg, ScheduleConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0), total_steps=1)
+        out = engine(**b, generator=torch.Generator().manual_seed(3))
+        engine.backward(out.loss)
+        got = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        ratios = [float((got[n] * want[n]).sum() / (want[n] * want[n]).sum()) for n in want if want[n].abs().max() > 0]
+        scale = loss_scale(cfg.zero_stage, cfg.reduce_scatter, 2)
+        results[case["name"]] = {"ratio_min": min(ratios), "ratio_max": max(ratios), "scale": scale,
+                                 "grad_rel": rel_errors({n: g * scale for n, g in got.items()}, want),
+                                 "dp": engine.dp_world_size, "seq_dp": engine.seq_dp_world_size,
+                                 "sp": engine.sequence_parallel_size}
+        engine.destroy()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", required=True, choices=["model"])
+    parser.add_argument("--mode", required=True, choices=["model", "engine"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from ar2diff.trainer.distributed import init_distributed
 
     init_distributed()
     torch.set_num_threads(1)
-    results = {"model": model_mode}[args.mode]()
+    results = {"model": model_mode, "engine": engine_mode}[args.mode]()
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     dist.barrier()

@@ -19,8 +19,6 @@ needs under the ZeRO stage's gradient reduction, and `reduce_logged` sums logged
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
@@ -125,7 +123,7 @@ def _core_function(core: str):
     return ALL_ATTENTION_FUNCTIONS[core]
 
 
-def loss_scale(ds_config: dict[str, Any], size: int) -> float:
+def loss_scale(zero_stage: int, reduce_scatter: bool, size: int) -> float:
     """The factor each rank's loss share is multiplied by before `engine.backward`, so that the reduced gradient is
     that of the unsharded loss (averaged over data parallelism).
 
@@ -133,9 +131,7 @@ def loss_scale(ds_config: dict[str, Any], size: int) -> float:
     sequence-parallel group) and by the whole world for ZeRO-3 with reduce-scatter (a mean over it); ZeRO-3 with
     `reduce_scatter: false` sums again. Measured for every case in tests/test_sequence_parallel.py.
     """
-    zero = ds_config.get("zero_optimization", {})
-    averages = zero.get("stage", 0) == 3 and zero.get("reduce_scatter", True)
-    return float(size) if averages else 1.0
+    return float(size) if zero_stage == 3 and reduce_scatter else 1.0
 
 
 def reduce_logged(values: dict[str, float], sp: SequenceParallel | None, device) -> dict[str, float]:
@@ -146,3 +142,15 @@ def reduce_logged(values: dict[str, float], sp: SequenceParallel | None, device)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=sp.group)
     return dict(zip(keys, t.tolist()))
+
+
+def sequence_parallel_setup(model, size: int, micro_batch_size: int):
+    """For `build_engine`: None when `size` is 1; else the groups (DeepSpeed's `mpu`) with `model` installed on them."""
+    if size == 1:
+        return None
+    if not hasattr(model, "sequence_parallel"):
+        raise ValueError(f"deepspeed.sequence_parallel_size={size} needs a TidarLM (TiDAR training); got "
+                         f"{type(model).__name__}")
+    mpu = sequence_parallel_mpu(size)
+    install_sequence_parallel(model, mpu.get_sequence_parallel_group(), micro_batch_size)
+    return mpu
