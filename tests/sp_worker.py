@@ -136,16 +136,54 @@ def engine_mode() -> dict:
     return results
 
 
+def stock_mode() -> dict:
+    """DeepSpeed's own HF integration on the same q/k/v shards: the TiDAR mask handed to its registered "sdpa" is
+    dropped (the output equals the mask-free causal one), while ar2diff's wrapper applies it."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ar2diff.model.sequence_shard import POSITIONS_KWARG, _take, plan_shard
+    from ar2diff.model.layout import build_tidar_layout
+    from ar2diff.model.attention import dense_mask
+    from ar2diff.trainer.sequence_parallel import _ulysses_attention, install_sequence_parallel, sequence_parallel_mpu
+
+    b = batch()
+    layout = build_tidar_layout(b["input_ids"], MASK_ID, BLOCK, b["doc_ids"])
+    plan = plan_shard(SEQ, dist.get_rank(), 2)
+    meta = _take(layout.meta, plan.gathered_idx)
+    mask = dense_mask(meta)
+    positions = layout.position_ids_BL[:, plan.local_idx]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2 * SEQ, 8, generator=g)[:, :, plan.local_idx] for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    ours_model = tidar_model("llama")
+    install_sequence_parallel(ours_model, sequence_parallel_mpu(2).get_sequence_parallel_group(), 2)
+    module = ours_model.lm.model.layers[0].self_attn
+    ours, _ = _ulysses_attention(module, q, k, v, mask, scaling=8 ** -0.5, **{POSITIONS_KWARG: positions})
+
+    mpu._release_sequence_parallel_groups()
+    stock_model = tidar_model("llama")
+    UlyssesSPAttentionHF.register_with_transformers(stock_model.lm, "sdpa", 2, 2)
+    stock = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    stock_masked, _ = stock(module, q, k, v, mask, scaling=8 ** -0.5, position_ids=positions)
+    stock_causal, _ = stock(module, q, k, v, None, scaling=8 ** -0.5, position_ids=positions)
+    return {"stock_masked_vs_causal": float((stock_masked - stock_causal).abs().max()),
+            "stock_vs_ours": float((stock_masked - ours).abs().max())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", required=True, choices=["model", "engine"])
+    parser.add_argument("--modes", required=True, help="comma-separated: model, engine, stock (stock last: it "
+                        "changes transformers' global attention table)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from ar2diff.trainer.distributed import init_distributed
 
     init_distributed()
     torch.set_num_threads(1)
-    results = {"model": model_mode, "engine": engine_mode}[args.mode]()
+    modes = {"model": model_mode, "engine": engine_mode, "stock": stock_mode}
+    results = {mode: modes[mode]() for mode in args.modes.split(",")}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     dist.barrier()
