@@ -115,3 +115,30 @@ def test_loss_scale_rule():
     assert loss_scale(3, True, 4) == 4.0
     assert [loss_scale(stage, rs, 4) for stage in (0, 1, 2) for rs in (True, False)] == [1.0] * 6
     assert loss_scale(3, False, 4) == 1.0
+
+
+@pytest.mark.slow
+def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
+    """The phase trainer with deepspeed.sequence_parallel_size=2 on 2 ranks (tiny ZAYA, ZeRO-1, activation
+    checkpointing, mask_ratio 0.5) logs the one-rank run's losses (same global micro-batches), and a run resumed from
+    its step-3 checkpoint logs exactly the uninterrupted run's losses."""
+    import shutil
+
+    from test_train import losses, run, train_cmd
+
+    cache = tmp_path / "cache"
+    budget = ["budget.tokens=1536", "trainer.ckpt_every=3", "deepspeed.activation_checkpointing=true"]  # 6 steps
+    run(train_cmd(tmp_path / "one", cache, *budget))
+    run(train_cmd(tmp_path / "sp", cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=2))
+    one, sp = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert [s for s, *_ in sp] == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([v[1:] for v in sp]), torch.tensor([v[1:] for v in one]),
+                               rtol=1e-5, atol=0)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "sp", resumed)
+    for name in ("checkpoints/step_00000006", "export", "summary.json"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    proc = run(train_cmd(resumed, cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=2))
+    assert "resumed from step 3" in proc.stdout + proc.stderr
+    assert losses(resumed) == sp  # bit-exact

@@ -18,6 +18,7 @@ from ar2diff.config.budget import Budget, plan_budget
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.logging import RunLogger
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.sequence_parallel import loss_scale, reduce_logged
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
 
 
@@ -91,6 +92,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     data = _prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank, dp_size)
     engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
     engine = build_engine(model, engine_cfg, cfg.schedule, budget.steps)
+    sp_loss_scale = loss_scale(engine_cfg.zero_stage, engine_cfg.reduce_scatter, engine_cfg.sequence_parallel_size)
 
     run_meta = {"mask_token_id": model.mask_token_id, "block_size": model.block_size, "phase": cfg.phase,
                 "recipe": cfg.name, "base_model": cfg.model.path or "scratch"}
@@ -124,7 +126,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 65_537 + global_micro)
             out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
                          position_ids=batch["position_ids"], loss_mask=batch["loss_mask"], generator=gen)
-            engine.backward(out.loss)
+            engine.backward(out.loss * sp_loss_scale)  # sequence parallel: see trainer/sequence_parallel.py
             engine.step()
             for k, v in out.terms.log_dict().items():
                 window["sums"][k] = window["sums"].get(k, 0.0) + float(v)
@@ -133,7 +135,8 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
         tokens_seen += budget.tokens_per_step
         window["tokens"] += budget.tokens_per_step
         if step % cfg.trainer.log_every == 0 or step == budget.steps:
-            metrics = _mean_over_ranks({k: v / window["n"] for k, v in window["sums"].items()}, device)
+            metrics = _mean_over_ranks(reduce_logged({k: v / window["n"] for k, v in window["sums"].items()},
+                                                     model.sequence_parallel, device), device)
             dt = time.time() - window["t"]
             metrics.update(lr=engine.get_lr()[0], tokens_per_s=window["tokens"] / dt, tokens_seen=tokens_seen,
                            step_seconds=dt / max(1, window["n"] / budget.grad_accum_steps))
