@@ -142,3 +142,25 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     proc = run(train_cmd(resumed, cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=2))
     assert "resumed from step 3" in proc.stdout + proc.stderr
     assert losses(resumed) == sp  # bit-exact
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.seq_len=250"], "data.seq_len=250 is not divisible by deepspeed.sequence_parallel_size=4"),
+    (["model.config.num_attention_heads=6", "model.config.num_key_value_heads=2", "model.config.head_dim=16"],
+     "must divide the model's 6 query heads"),
+    (["model.attn_implementation=eager"], "model.attn_implementation='eager' cannot run under sequence parallelism"),
+    (["phase=ar_pretrain", "objective=ar"], "needs objective.kind=tidar"),
+    (["deepspeed.zero_stage=3", "deepspeed.expert_parallel_size=2"], "AutoEP on ZeRO-3 has no sequence parallelism"),
+])
+def test_sequence_parallel_config_errors_name_the_key(overrides, match):
+    from ar2diff.config.compose import compose
+
+    cfg = compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256", *overrides])
+    with pytest.raises(ValueError, match=match):
+        cfg.validate(world_size=8)
+
+
+def test_sequence_parallel_config_that_fits_validates():
+    from ar2diff.config.compose import compose
+
+    compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256"]).validate(world_size=8)
