@@ -86,7 +86,43 @@ def model_mode() -> dict:
         results[arch] = {"loss": float(loss), "ref_loss": float(ref.loss), "grad_rel": rel_errors(got, grads(reference)),
                          "terms": {k: float(v) for k, v in terms.items()}, "ref_terms": ref.terms.log_dict(),
                          "ref_aux": float(ref.terms.aux)}
+    results["zaya_without_halo_loss"] = _zaya_without_halo(group)
+    results["llama_flex_forward"] = _flex_forward(group)
     return results
+
+
+def _zaya_without_halo(group) -> float:
+    """Negative control: the same ZAYA shard forward with the received halo replaced by zeros."""
+    from ar2diff.model.zaya_halo import Halo
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel
+
+    model = tidar_model("zaya")
+    install_sequence_parallel(model, group, micro_batch_size=2)
+    original = Halo.extend
+    Halo.extend = lambda self, x: torch.cat([torch.zeros_like(x[:, self.send_idx]), x], dim=1)
+    try:
+        with torch.no_grad():
+            loss = model(**batch(), generator=torch.Generator().manual_seed(3)).loss
+    finally:
+        Halo.extend = original
+    dist.all_reduce(loss, group=group)
+    return float(loss)
+
+
+def _flex_forward(group) -> dict:
+    """Flex attention as the core of the gathered attention (forward only: torch has no flex backward on CPU),
+    against the unsharded SDPA forward."""
+    from ar2diff.model import TidarLM, build_model
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel
+
+    lm = randomize(build_model(TINY_CONFIGS["llama"], attn_implementation="flex_attention", seed=0), 0)
+    model = TidarLM(lm, MASK_ID, BLOCK, mask_ratio=0.5).eval()
+    install_sequence_parallel(model, group, micro_batch_size=2)
+    with torch.no_grad():
+        loss = model(**batch(), generator=torch.Generator().manual_seed(3)).loss
+        ref = tidar_model("llama").eval()(**batch(), generator=torch.Generator().manual_seed(3)).loss
+    dist.all_reduce(loss, group=group)
+    return {"loss": float(loss), "ref_loss": float(ref)}
 
 
 # ZeRO stage / reduce-scatter cases measured through deepspeed.initialize (build_engine), SP=2 on 2 ranks.

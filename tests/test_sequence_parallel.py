@@ -50,6 +50,18 @@ def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
         assert r["ref_aux"] > 0.5  # the balancing loss is really in the objective
 
 
+def test_zaya_needs_the_halo(two_ranks):
+    """Negative control: with the previous rank's halo replaced by zeros the sharded ZAYA loss is wrong."""
+    assert abs(two_ranks["model"]["zaya_without_halo_loss"] - two_ranks["model"]["zaya"]["ref_loss"]) > 1e-3
+
+
+def test_flex_core_attention_forward(two_ranks):
+    """With flex attention as the gathered attention, the TiDAR BlockMask over the gathered order gives the
+    unsharded SDPA loss (forward only: torch 2.13 has no flex backward on CPU)."""
+    r = two_ranks["model"]["llama_flex_forward"]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero2_no_rs", "zero3", "zero3_no_rs", "zero1_zaya",
                                   "zero2_qwen3_moe"])
 def test_engine_reduction_rule_is_measured_and_gradients_match(two_ranks, case):
