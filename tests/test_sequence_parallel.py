@@ -163,6 +163,7 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     (["model.attn_implementation=eager"], "model.attn_implementation='eager' cannot run under sequence parallelism"),
     (["phase=ar_pretrain", "objective=ar"], "needs objective.kind=tidar"),
     (["deepspeed.zero_stage=3", "deepspeed.expert_parallel_size=2"], "AutoEP on ZeRO-3 has no sequence parallelism"),
+    (["deepspeed.zero_stage=2", "deepspeed.expert_parallel_size=2"], "AutoEP replaces the router"),
 ])
 def test_sequence_parallel_config_errors_name_the_key(overrides, match):
     from ar2diff.config.compose import compose

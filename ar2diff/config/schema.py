@@ -167,6 +167,6 @@ class PhaseConfig:
         self.data.validate()
         self.deepspeed.validate(world_size)
         check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.data.seq_len, o.kind,
-                                m.attn_implementation, m.config)
+                                m.attn_implementation, m.config, self.deepspeed.expert_parallel_size)
         self.schedule.validate()
         return self

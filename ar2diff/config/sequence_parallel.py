@@ -7,7 +7,7 @@ SP_ATTENTION = ("sdpa", "flex_attention")
 
 
 def check_sequence_parallel(size: int, seq_len: int, objective_kind: str, attn_implementation: str,
-                            model_config: dict | None) -> None:
+                            model_config: dict | None, expert_parallel_size: int = 1) -> None:
     """Raise ValueError naming the key when a sequence-parallel setting cannot work. The combinations DeepSpeed
     itself cannot run (ZeRO-3 + AutoEP + SP) are refused in EngineConfig.validate."""
     if size == 1:
@@ -15,6 +15,10 @@ def check_sequence_parallel(size: int, seq_len: int, objective_kind: str, attn_i
     if objective_kind != "tidar":
         raise ValueError(f"deepspeed.sequence_parallel_size={size} needs objective.kind=tidar: AR pretraining rows "
                          "are not sharded; set deepspeed.sequence_parallel_size=1")
+    if expert_parallel_size > 1:
+        raise ValueError(f"deepspeed.sequence_parallel_size={size} with deepspeed.expert_parallel_size="
+                         f"{expert_parallel_size} is not supported: AutoEP replaces the router whose logits the "
+                         "sequence-parallel balancing loss reduces over the group; use one of the two")
     if seq_len % size:
         raise ValueError(f"data.seq_len={seq_len} is not divisible by deepspeed.sequence_parallel_size={size}: each "
                          "rank holds seq_len / size positions of both streams")

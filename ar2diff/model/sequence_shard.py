@@ -16,8 +16,9 @@ with N_AR, N_diff the counts of the whole row, so sum_r L_r is exactly the unsha
 ranks' gradients is its gradient. How DeepSpeed combines the ranks' gradients (sum or mean over the group) is the
 trainer's concern (`ar2diff.trainer.sequence_parallel.loss_scale`). The router balancing loss (Switch, as
 transformers' `load_balancing_loss_func`) uses the expert counts of the whole row: aux = E * sum_e f_e * P_e with
-f_e the global top-k assignment frequency and P_e the global mean router probability; given f (all-reduced, no
-gradient), aux is linear in the per-rank probability sums, so each rank's share carries its own tokens' gradient.
+f_e the global top-k assignment frequency and P_e the global mean router probability (the same formula in
+transformers' Qwen3-MoE, Mixtral and OLMoE); given f (all-reduced, no gradient), aux is linear in the per-rank
+probability sums, so each rank's share carries its own tokens' gradient.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ar2diff.model.layout import TidarLayout, TokenMeta, build_tidar_layout, sample_draft_mask
 from ar2diff.model.zaya import PREV_KWARG
-from ar2diff.model.zaya_halo import HALO_KWARG, Halo
+from ar2diff.model.zaya_halo import HALO_KWARG, Halo, conv_lookback
 from ar2diff.objective import ar_targets, chunked_token_ce, combine, diff_targets
 
 # The local position ids travel to the attention wrapper as a keyword of the model call: transformers' ZAYA does not
@@ -142,7 +143,7 @@ def sharded_tidar_forward(model, sp: SequenceParallel, input_ids, doc_ids=None, 
     loss_mask = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     draft_mask = sample_draft_mask((B, S), model.mask_ratio, generator, device=input_ids.device)
     layout = build_tidar_layout(input_ids, model.mask_token_id, model.block_size, doc_ids, position_ids, draft_mask)
-    lookback = model.lm.base_model.layers[0].self_attn.qkv_proj.conv_kernel_size if model.has_adapter else 0
+    lookback = conv_lookback(model.lm) if model.has_adapter else 0
     plan = plan_shard(S, sp.rank, sp.size, halo=lookback)
     local = plan.local_idx.to(input_ids.device)
     gathered_meta = _take(layout.meta, plan.gathered_idx.to(input_ids.device))

@@ -66,3 +66,11 @@ class Halo:
         """(B, T, D) local tokens -> (B, halo + T, D) with the previous rank's halo in front."""
         received = _ShiftToNextRank.apply(x_BTD[:, self.send_idx], self.group, self.rank, self.size)
         return torch.cat([received, x_BTD], dim=1)
+
+
+def conv_lookback(lm) -> int:
+    """How many positions of each stream ZAYA's CCA reads before a token (the halo size); 0 for other models."""
+    from transformers.models.zaya.modeling_zaya import ZayaCCAProjection
+
+    sizes = {m.conv_kernel_size for m in lm.modules() if isinstance(m, ZayaCCAProjection)}
+    return max(sizes, default=0)
