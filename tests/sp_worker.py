@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ar2diff" / "torch_extensions"))
@@ -87,7 +88,6 @@ def model_mode() -> dict:
                          "terms": {k: float(v) for k, v in terms.items()}, "ref_terms": ref.terms.log_dict(),
                          "ref_aux": float(ref.terms.aux)}
     results["zaya_without_halo_loss"] = _zaya_without_halo(group)
-    results["llama_flex_forward"] = _flex_forward(group)
     return results
 
 
@@ -109,9 +109,15 @@ def _zaya_without_halo(group) -> float:
     return float(loss)
 
 
-def _flex_forward(group) -> dict:
+def flex_mode() -> dict:
     """Flex attention as the core of the gathered attention (forward only: torch has no flex backward on CPU),
-    against the unsharded SDPA forward."""
+    against the unsharded SDPA forward. Slow on CPU: transformers compiles flex attention."""
+    from ar2diff.trainer.sequence_parallel import sequence_parallel_mpu
+
+    return _flex_forward(sequence_parallel_mpu(2).get_sequence_parallel_group())
+
+
+def _flex_forward(group) -> dict:
     from ar2diff.model import TidarLM, build_model
     from ar2diff.trainer.sequence_parallel import install_sequence_parallel
 
@@ -210,7 +216,7 @@ def stock_mode() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", required=True, help="comma-separated: model, engine, stock (stock last: it "
+    parser.add_argument("--modes", required=True, help="comma-separated: model, engine, flex, stock (stock last: it "
                         "changes transformers' global attention table)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -218,8 +224,13 @@ def main() -> None:
 
     init_distributed()
     torch.set_num_threads(1)
-    modes = {"model": model_mode, "engine": engine_mode, "stock": stock_mode}
-    results = {mode: modes[mode]() for mode in args.modes.split(",")}
+    modes = {"model": model_mode, "engine": engine_mode, "stock": stock_mode, "flex": flex_mode}
+    results, seconds = {}, {}
+    for mode in args.modes.split(","):
+        start = time.perf_counter()
+        results[mode] = modes[mode]()
+        seconds[mode] = time.perf_counter() - start
+    results["seconds"] = seconds
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     dist.barrier()
