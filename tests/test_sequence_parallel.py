@@ -128,6 +128,14 @@ def test_named_errors():
         check_heads(Config, 2)
 
 
+def test_ds_config_carries_sequence_parallel_and_reduce_scatter():
+    from ar2diff.trainer.engine import EngineConfig, build_ds_config
+
+    ds = build_ds_config(EngineConfig(zero_stage=3, sequence_parallel_size=2, reduce_scatter=False), world_size=4)
+    assert ds["sequence_parallel_size"] == 2 and ds["zero_optimization"]["reduce_scatter"] is False
+    assert "sequence_parallel_size" not in build_ds_config(EngineConfig(), world_size=4)
+
+
 def test_loss_scale_rule():
     assert loss_scale(3, True, 4) == 4.0
     assert [loss_scale(stage, rs, 4) for stage in (0, 1, 2) for rs in (True, False)] == [1.0] * 6

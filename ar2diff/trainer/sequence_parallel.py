@@ -101,7 +101,8 @@ def install_sequence_parallel(model, group, micro_batch_size: int = 1) -> Sequen
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     uattn = UlyssesSPAttentionHF(
         attn=_core_function(core), batch_size=micro_batch_size, attn_head_count=config.num_attention_heads,
-        attn_head_size=head_dim, kv_head_count=getattr(config, "num_key_value_heads", config.num_attention_heads),
+        attn_head_size=head_dim,
+        kv_head_count=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         num_hidden_layers=config.num_hidden_layers, process_group=group, seq_length_is_variable=True)
     n_layers = 0
     for module in model.lm.modules():
