@@ -63,7 +63,7 @@ def rel_errors(got: dict, want: dict) -> dict[str, float]:
 
 
 def model_mode() -> dict:
-    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, sequence_parallel_mpu
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, reduce_logged, sequence_parallel_mpu
 
     group = sequence_parallel_mpu(2).get_sequence_parallel_group()
     results = {}
@@ -81,11 +81,9 @@ def model_mode() -> dict:
         got = grads(model)
         for g in got.values():
             dist.all_reduce(g, group=group)
-        terms = {k: torch.tensor(float(v)) for k, v in out.terms.log_dict().items()}
-        for v in terms.values():
-            dist.all_reduce(v, group=group)
-        results[arch] = {"loss": float(loss), "ref_loss": float(ref.loss), "grad_rel": rel_errors(got, grads(reference)),
-                         "terms": {k: float(v) for k, v in terms.items()}, "ref_terms": ref.terms.log_dict(),
+        terms = reduce_logged(out.terms.log_dict(), model.sequence_parallel, "cpu")  # what the trainer logs
+        results[arch] = {"loss": float(loss), "ref_loss": float(ref.loss), "terms": terms,
+                         "grad_rel": rel_errors(got, grads(reference)), "ref_terms": ref.terms.log_dict(),
                          "ref_aux": float(ref.terms.aux)}
     results["zaya_without_halo_loss"] = _zaya_without_halo(group)
     return results
