@@ -172,6 +172,8 @@ class TidarObjective(nn.Module):
         self.balancing_loss_fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
         default_coef = getattr(lm.config, "router_aux_loss_coef", 0.0) if self.balancing_loss_fn else 0.0
         self.aux_coef = default_coef if aux_coef is None else aux_coef
+        # Set by ar2diff.trainer.sequence_parallel: forward then computes this rank's share of a sharded row.
+        self.sequence_parallel = None
 
     @property
     def config(self):
@@ -190,6 +192,11 @@ class TidarObjective(nn.Module):
         `generator` draws the draft mask (mask_ratio < 1)."""
         if self.kind == "ar":
             return self.forward_ar(input_ids, doc_ids, position_ids, loss_mask, return_logits=return_logits)
+        if self.sequence_parallel is not None:
+            from ar2diff.objective_sharded import sharded_tidar_loss
+
+            return sharded_tidar_loss(self, self.sequence_parallel, input_ids, doc_ids, position_ids, loss_mask,
+                                      generator, return_logits)
         B, S = input_ids.shape
         doc_ids = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.long()
         loss_mask = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()

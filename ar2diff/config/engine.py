@@ -16,7 +16,8 @@ class EngineConfig:
     ``expert_parallel_size`` 1 is off; > 1 shards the experts of a supported HF MoE (Qwen3-MoE, Mixtral,
     DeepSeek-V2/V3, ...) with DeepSpeed AutoEP across that many ranks. ``expert_grouped_mm`` None picks
     ``torch._grouped_mm`` for the AutoEP experts except on CPU, where it falls back to a per-expert loop.
-    ``sequence_parallel_size`` is stored and validated; building an engine with it > 1 is not wired yet.
+    ``sequence_parallel_size`` > 1 shards each TiDAR row over that many ranks with DeepSpeed Ulysses
+    (ar2diff.trainer.sequence_parallel); the ranks of a group see the same rows.
     """
 
     zero_stage: int = 1
@@ -33,6 +34,7 @@ class EngineConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     sequence_parallel_size: int = 1
+    reduce_scatter: bool = True  # ZeRO-2/3 gradient reduce-scatter (DeepSpeed's zero_optimization.reduce_scatter)
 
     def validate(self, world_size: int) -> "EngineConfig":
         """Raise ValueError naming the bad key (``deepspeed.<key>``) and the fix; returns self."""

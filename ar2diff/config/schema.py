@@ -12,6 +12,7 @@ from typing import Any
 
 from ar2diff.config.engine import EngineConfig
 from ar2diff.config.schedule import ScheduleConfig
+from ar2diff.config.sequence_parallel import check_sequence_parallel
 from ar2diff.data.config import DataConfig
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")
@@ -168,5 +169,7 @@ class PhaseConfig:
                                  f"{self.data.seq_len} (prompts are cut from held-out rows)")
         self.data.validate()
         self.deepspeed.validate(world_size)
+        check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.data.seq_len, o.kind,
+                                m.attn_implementation, m.config, self.deepspeed.expert_parallel_size)
         self.schedule.validate()
         return self

@@ -80,9 +80,10 @@ class TidarLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(input_ids_BS.min())}, "
                              f"{int(input_ids_BS.max())}]: the tokenizer does not match the model")
 
-    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta):
-        """The attention mask in the shape this architecture's forward takes (a dict per layer type for some)."""
-        impl = self.config._attn_implementation
+    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta, impl: str | None = None):
+        """The attention mask in the shape this architecture's forward takes (a dict per layer type for some).
+        `impl` overrides the model's attention implementation (sequence parallelism wraps it)."""
+        impl = impl or self.config._attn_implementation
         dtype = self.lm.get_input_embeddings().weight.dtype
         mask = attention_mask_for(impl, q_meta, k_meta, dtype=dtype)
         layer_types = getattr(self.config, "layer_types", None)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ar2diff.model.zaya_halo import HALO_KWARG
+
 PREV_KWARG = "ar2diff_stream_prev"
 
 
@@ -46,6 +48,7 @@ class _CCAStreams:
     def __init__(self, attn: nn.Module):
         self.proj = attn.qkv_proj
         self.prev_BT: torch.Tensor | None = None
+        self.halo = None  # sequence parallelism: prev_BT then indexes [previous rank's halo | local tokens]
         self.qk_padded: torch.Tensor | None = None
         attn.register_forward_pre_hook(self._take_prev, with_kwargs=True)
         attn.register_forward_hook(self._drop_prev, always_call=True)
@@ -55,13 +58,19 @@ class _CCAStreams:
 
     def _take_prev(self, module, args, kwargs):
         self.prev_BT = kwargs.get(PREV_KWARG)
+        self.halo = kwargs.get(HALO_KWARG)
         if self.prev_BT is not None and kwargs.get("past_key_values") is not None:
             raise ValueError("the ZAYA stream adapter does not support a KV cache; decode calls must not pass "
                              f"{PREV_KWARG}")
 
     def _drop_prev(self, module, args, output):
         self.prev_BT = None
+        self.halo = None
         self.qk_padded = None
+
+    def _extend(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Local tokens, with the previous rank's halo in front under sequence parallelism (ar2diff.model.zaya_halo)."""
+        return x_BTD if self.halo is None else self.halo.extend(x_BTD)
 
     def _capture_conv_input(self, module, args):
         if self.prev_BT is not None:
@@ -74,8 +83,8 @@ class _CCAStreams:
         lookback = self.proj.conv_kernel_size
         qk_BCT = self.qk_padded[..., lookback:]  # drop the model's own left zero-padding
         B, C, T = qk_BCT.shape
-        win_BTW = _windows(self.prev_BT, lookback + 1)
-        x = _gather_tokens(qk_BCT.transpose(1, 2), win_BTW)  # (B, T, W, C)
+        win_BTW = _windows(self.prev_BT, lookback + 1)[:, -T:]
+        x = _gather_tokens(self._extend(qk_BCT.transpose(1, 2)), win_BTW)  # (B, T, W, C)
         x = x.reshape(B * T, lookback + 1, C).transpose(1, 2)
         y = grouped._conv_forward(dw._conv_forward(x, dw.weight, dw.bias), grouped.weight, grouped.bias)
         return y.reshape(B, T, C).transpose(1, 2)
@@ -88,9 +97,10 @@ class _CCAStreams:
         B, T, _ = hidden_BTH.shape
         delayed_BTD = self.proj.v_proj_delayed(hidden_BTH)
         start_D = self.proj.v_proj_delayed(hidden_BTH.new_zeros(1, 1, hidden_BTH.shape[-1]))[0, 0]
-        prev = self.prev_BT
+        prev = self.prev_BT[:, -T:]
+        delayed_BTD = self._extend(delayed_BTD)
         shifted = torch.where((prev >= 0)[..., None], delayed_BTD.gather(
-            1, prev.clamp(min=0)[..., None].expand_as(delayed_BTD)), start_D)
+            1, prev.clamp(min=0)[..., None].expand(-1, -1, delayed_BTD.shape[-1])), start_D)
         value_flat = value.reshape(B, T, -1)
         half = value_flat.shape[-1] - shifted.shape[-1]
         value = torch.cat([value_flat[..., :half], shifted], dim=-1).view_as(value)

@@ -28,6 +28,7 @@ from ar2diff.model.params import (NUM_EXPERTS_KEYS, TOP_K_KEYS, ParamCount,  # n
                                   count_params)
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.schedule import build_lr_scheduler
+from ar2diff.trainer.sequence_parallel import sequence_parallel_setup
 
 
 def build_ds_config(cfg: EngineConfig, world_size: int, *, on_cpu: bool = False,
@@ -40,6 +41,8 @@ def build_ds_config(cfg: EngineConfig, world_size: int, *, on_cpu: bool = False,
     """
     cfg.validate(world_size)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if not cfg.reduce_scatter:
+        zero["reduce_scatter"] = False
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload_params:
@@ -57,6 +60,8 @@ def build_ds_config(cfg: EngineConfig, world_size: int, *, on_cpu: bool = False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.sequence_parallel_size > 1:
+        config["sequence_parallel_size"] = cfg.sequence_parallel_size
     if cfg.expert_parallel_size > 1:
         grouped_mm = (not on_cpu) if cfg.expert_grouped_mm is None else cfg.expert_grouped_mm
         config["expert_parallel"] = {
@@ -141,9 +146,6 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, schedule_cfg: Schedu
     ctx = init_distributed()
     cfg.validate(ctx.world_size)
     schedule_cfg.validate(total_steps)
-    if cfg.sequence_parallel_size > 1:
-        raise NotImplementedError(f"deepspeed.sequence_parallel_size={cfg.sequence_parallel_size}: DeepSpeed Ulysses "
-                                  "(ALST) is not wired into build_engine yet; set it to 1")
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu and cfg.precision == "bf16":
         warnings.warn("deepspeed.precision='bf16' on CPU runs, but slowly and with bf16 rounding; use 'fp32' for "
@@ -155,8 +157,10 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, schedule_cfg: Schedu
                              f"model (its gradient_checkpointing_enable); {type(model).__name__} holds none")
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autoep_overrides = autoep_layer_overrides(model) if cfg.expert_parallel_size > 1 else None
+    mpu = sequence_parallel_setup(model, cfg.sequence_parallel_size, cfg.micro_batch_size)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
+        mpu=mpu,
         optimizer=make_optimizer_factory(model, cfg, schedule_cfg.lr),
         lr_scheduler=lambda optimizer: build_lr_scheduler(optimizer, schedule_cfg, total_steps),
         config=build_ds_config(cfg, ctx.world_size, on_cpu=on_cpu, autoep_overrides=autoep_overrides),

@@ -21,6 +21,7 @@ from ar2diff.logging import RunLogger
 from ar2diff.trainer import standard_callbacks as std
 from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.sequence_parallel import loss_scale
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
 
 
@@ -96,6 +97,9 @@ class PhaseTrainer:
         engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
         state.engine = build_engine(objective, engine_cfg, cfg.schedule, budget.steps)
         state.extra["params"] = params
+        # sequence parallelism: each rank's loss share, scaled so DeepSpeed's reduction gives the unsharded gradient
+        state.extra["loss_scale"] = loss_scale(engine_cfg.zero_stage, engine_cfg.reduce_scatter,
+                                               engine_cfg.sequence_parallel_size)
 
         model = objective.model
         run_meta = {"mask_token_id": model.mask_token_id, "block_size": model.block_size, "phase": cfg.phase,
@@ -133,7 +137,7 @@ class PhaseTrainer:
             gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + state.step) * 65_537 + global_micro)
             out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
                          loss_mask=batch["loss_mask"], generator=gen)
-            engine.backward(out.loss)
+            engine.backward(out.loss * state.extra["loss_scale"])
             engine.step()
             state.step_terms.append(out.terms)
             callbacks.on_micro_step_end(state, out)

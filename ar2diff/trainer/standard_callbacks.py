@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ar2diff.trainer.callbacks import Callback, TrainState
+from ar2diff.trainer.sequence_parallel import reduce_logged
 
 
 def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -45,7 +46,10 @@ class Metrics(Callback):
         self.tokens += budget.tokens_per_step
         if not (state.step % cfg.trainer.log_every == 0 or state.step == budget.steps):
             return
-        metrics = _mean_over_ranks({k: v / self.n for k, v in self.sums.items()}, state.device)
+        window = {k: v / self.n for k, v in self.sums.items()}
+        # under sequence parallelism each rank's terms are shares of its rows: summed over the group first
+        metrics = _mean_over_ranks(reduce_logged(window, state.objective.sequence_parallel, state.device),
+                                   state.device)
         dt = time.time() - self.t
         metrics.update(lr=state.engine.get_lr()[0], tokens_per_s=self.tokens / dt, tokens_seen=state.tokens_seen,
                        step_seconds=dt / max(1, self.n / budget.grad_accum_steps))

@@ -1,0 +1,192 @@
+"""TiDAR-aware Ulysses sequence parallelism (ar2diff.model.sequence_shard, ar2diff.model.zaya_halo,
+ar2diff.trainer.sequence_parallel).
+
+The distributed checks run in one `torchrun --nproc_per_node 2` launch of tests/sp_worker.py (gloo, CPU); that
+subprocess is also where DeepSpeed's `register_with_transformers` may change transformers' global attention table.
+Batch: two packed rows of 16 tokens, block size 4, mask_ratio 0.5, a prompt without loss, padding, and a draft
+block [7, 11) straddling the shard edge at 8; activation checkpointing on; fp32.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ar2diff.model.layout import build_tidar_layout
+from ar2diff.model.sequence_shard import extended_prev, plan_shard
+from ar2diff.trainer.distributed import LAUNCHER_ENV
+from ar2diff.trainer.sequence_parallel import check_heads, loss_scale
+
+from launch import run_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(tmp_path, modes: str) -> dict:
+    out = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith("TORCHELASTIC")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "sp_worker.py"), "--modes", modes, "--out", str(out)]
+    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    return launch(tmp_path_factory.mktemp("sp"), "model,engine,stock")
+
+
+@pytest.mark.parametrize("arch", ["llama", "zaya", "qwen3_moe"])
+def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
+    """The summed loss shares and gradients of SP=2 equal the unsharded TidarLM's (ZAYA: through the CCA halo;
+    Qwen3-MoE: the balancing loss from the whole row's expert counts)."""
+    r = two_ranks["model"][arch]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+    assert max(r["grad_rel"].values()) < 1e-5, sorted(r["grad_rel"].items(), key=lambda kv: -kv[1])[:3]
+    for key in ("loss_ar", "loss_diff", "loss_aux", "tokens_ar", "tokens_diff"):
+        assert r["terms"][key] == pytest.approx(r["ref_terms"][key], rel=1e-6, abs=1e-7), key
+    if arch == "qwen3_moe":
+        assert r["ref_aux"] > 0.5  # the balancing loss is really in the objective
+
+
+def test_zaya_needs_the_halo(two_ranks):
+    """Negative control: with the previous rank's halo replaced by zeros the sharded ZAYA loss is wrong."""
+    assert abs(two_ranks["model"]["zaya_without_halo_loss"] - two_ranks["model"]["zaya"]["ref_loss"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_flex_core_attention_forward(tmp_path):
+    """With flex attention as the gathered attention, the TiDAR BlockMask over the gathered order gives the
+    unsharded SDPA loss (forward only: torch 2.13 has no flex backward on CPU; slow: flex attention compiles)."""
+    r = launch(tmp_path, "flex")["flex"]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero2_no_rs", "zero3", "zero3_no_rs", "zero1_zaya",
+                                  "zero2_qwen3_moe"])
+def test_engine_reduction_rule_is_measured_and_gradients_match(two_ranks, case):
+    """Through deepspeed.initialize: DeepSpeed's reduced gradient of the raw shares is measured as a multiple of the
+    unsharded gradient (ZeRO-0/1/2 and ZeRO-3 without reduce-scatter: the sum, ratio 1; ZeRO-3 with reduce-scatter:
+    the mean, ratio 1/2); `loss_scale` must undo exactly that, and the scaled full gradients match the reference."""
+    r = two_ranks["engine"][case]
+    assert (r["sp"], r["seq_dp"]) == (2, 2)
+    assert r["ratio_min"] == pytest.approx(r["ratio_max"], rel=1e-5)
+    assert r["ratio_min"] * r["scale"] == pytest.approx(1.0, rel=1e-5)
+    assert max(r["grad_rel"].values()) < 1e-5
+
+
+def test_stock_deepspeed_hf_path_drops_the_tidar_mask(two_ranks):
+    """Why ar2diff has its own wrapper: DeepSpeed's register_with_transformers replaces the mask by None, so a TiDAR
+    mask gives exactly the plain causal output, far from the masked attention ar2diff's wrapper computes."""
+    r = two_ranks["stock"]
+    assert r["stock_masked_vs_causal"] == 0.0
+    assert r["stock_vs_ours"] > 0.1
+
+
+def test_plan_shard_holds_matching_chunks_of_both_streams():
+    plan = plan_shard(8, rank=1, size=2, halo=2)
+    assert plan.local_idx.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    assert plan.gathered_idx.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert plan.halo_idx.tolist() == [2, 3, 10, 11]
+    assert plan_shard(8, rank=0, size=2, halo=2).halo_idx.tolist() == [-1, -1, -1, -1]
+
+
+def test_extended_prev_points_at_the_same_tokens_as_the_unsharded_index():
+    """Every local token's stream predecessor, looked up in `[halo | local]`, is the token the unsharded layout
+    names (draft block starts look into the clean stream, possibly on the previous rank)."""
+    ids = torch.arange(16)[None] + 3
+    docs = torch.tensor([[0] * 3 + [1] * 9 + [2] * 4])
+    layout = build_tidar_layout(ids, 99, 4, docs)
+    for rank in range(2):
+        plan = plan_shard(16, rank, 2, halo=3)
+        ext = torch.cat([plan.halo_idx, plan.local_idx])
+        prev = extended_prev(layout, plan)[0, ext.numel() - plan.local_idx.numel():]
+        want = layout.prev_BL[0, plan.local_idx]
+        got = torch.where(prev >= 0, ext[prev.clamp(min=0)], -1)
+        assert got.tolist() == want.tolist()
+
+
+def test_named_errors():
+    with pytest.raises(ValueError, match="seq_len=10 is not divisible by deepspeed.sequence_parallel_size=4"):
+        plan_shard(10, 0, 4)
+    with pytest.raises(ValueError, match="look-back 3"):
+        plan_shard(8, 0, 4, halo=3)
+
+    class Config:
+        num_attention_heads, num_key_value_heads = 8, 2
+
+    check_heads(Config, 8)  # KV heads replicated above their count, as DeepSpeed does
+    with pytest.raises(ValueError, match="must divide the model's 8 query heads"):
+        check_heads(Config, 3)
+    Config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="key/value heads"):
+        check_heads(Config, 2)
+
+
+def test_ds_config_carries_sequence_parallel_and_reduce_scatter():
+    from ar2diff.trainer.engine import EngineConfig, build_ds_config
+
+    ds = build_ds_config(EngineConfig(zero_stage=3, sequence_parallel_size=2, reduce_scatter=False), world_size=4)
+    assert ds["sequence_parallel_size"] == 2 and ds["zero_optimization"]["reduce_scatter"] is False
+    assert "sequence_parallel_size" not in build_ds_config(EngineConfig(), world_size=4)
+
+
+def test_loss_scale_rule():
+    assert loss_scale(3, True, 4) == 4.0
+    assert [loss_scale(stage, rs, 4) for stage in (0, 1, 2) for rs in (True, False)] == [1.0] * 6
+    assert loss_scale(3, False, 4) == 1.0
+
+
+@pytest.mark.slow
+def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
+    """The phase trainer with deepspeed.sequence_parallel_size=2 on 2 ranks (tiny ZAYA, ZeRO-1, activation
+    checkpointing, mask_ratio 0.5) logs the one-rank run's losses (same global micro-batches), and a run resumed from
+    its step-3 checkpoint logs exactly the uninterrupted run's losses."""
+    import shutil
+
+    from test_train import losses, run, train_cmd
+
+    cache = tmp_path / "cache"
+    budget = ["budget.tokens=1536", "trainer.ckpt_every=3", "deepspeed.activation_checkpointing=true"]  # 6 steps
+    run(train_cmd(tmp_path / "one", cache, *budget))
+    run(train_cmd(tmp_path / "sp", cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=2))
+    one, sp = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert [s for s, *_ in sp] == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([v[1:] for v in sp]), torch.tensor([v[1:] for v in one]),
+                               rtol=1e-5, atol=0)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "sp", resumed)
+    for name in ("checkpoints/step_00000006", "export", "summary.json"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    proc = run(train_cmd(resumed, cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=2))
+    assert "resumed from step 3" in proc.stdout + proc.stderr
+    assert losses(resumed) == sp  # bit-exact
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.seq_len=250"], "data.seq_len=250 is not divisible by deepspeed.sequence_parallel_size=4"),
+    (["model.config.num_attention_heads=6", "model.config.num_key_value_heads=2", "model.config.head_dim=16"],
+     "must divide the model's 6 query heads"),
+    (["model.attn_implementation=eager"], "model.attn_implementation='eager' cannot run under sequence parallelism"),
+    (["phase=ar_pretrain", "objective=ar"], "needs objective.kind=tidar"),
+    (["deepspeed.zero_stage=3", "deepspeed.expert_parallel_size=2"], "AutoEP on ZeRO-3 has no sequence parallelism"),
+    (["deepspeed.zero_stage=2", "deepspeed.expert_parallel_size=2"], "AutoEP replaces the router"),
+])
+def test_sequence_parallel_config_errors_name_the_key(overrides, match):
+    from ar2diff.config.compose import compose
+
+    cfg = compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256", *overrides])
+    with pytest.raises(ValueError, match=match):
+        cfg.validate(world_size=8)
+
+
+def test_sequence_parallel_config_that_fits_validates():
+    from ar2diff.config.compose import compose
+
+    compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256"]).validate(world_size=8)
