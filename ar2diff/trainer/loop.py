@@ -69,6 +69,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     from ar2diff.checkpoint import load_checkpoint, save_checkpoint, save_run_assets
     from ar2diff.export import export_checkpoint
     from ar2diff.trainer.engine import build_engine, count_params, flops_per_token
+    from ar2diff.trainer.mfu import DensityWindow
 
     ctx = init_distributed()
     cfg.validate(ctx.world_size)
@@ -105,7 +106,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
         logger.print(f"[{cfg.name}] resumed from step {step} ({tokens_seen:,} tokens seen)")
 
     layout_len = cfg.data.seq_len * (2 if cfg.objective.kind == "tidar" else 1)
-    flops_tok = flops_per_token(model.config, layout_len, params.matmul_active)
+    density = DensityWindow(cfg.objective.kind, cfg.objective.block_size, model.config._attn_implementation)
     device = engine.device
     window = {"t": time.time(), "tokens": 0, "sums": {}, "n": 0}
     ckpt_every = cfg.trainer.ckpt_every
@@ -122,6 +123,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
             # the draft-mask RNG of the global micro batch: the same masks for any split over ranks and accumulation
             global_micro = dp_rank * budget.grad_accum_steps + micro
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 65_537 + global_micro)
+            density.add(batch["doc_ids"], batch["position_ids"])
             out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
                          position_ids=batch["position_ids"], loss_mask=batch["loss_mask"], generator=gen)
             engine.backward(out.loss)
@@ -136,8 +138,11 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
             metrics = _mean_over_ranks({k: v / window["n"] for k, v in window["sums"].items()}, device)
             dt = time.time() - window["t"]
             metrics.update(lr=engine.get_lr()[0], tokens_per_s=window["tokens"] / dt, tokens_seen=tokens_seen,
-                           step_seconds=dt / max(1, window["n"] / budget.grad_accum_steps))
+                           step_seconds=dt / max(1, window["n"] / budget.grad_accum_steps), **density.take())
             if cfg.trainer.peak_flops:
+                # attention FLOPs of the pairs the kernel computes for these masks (ar2diff.trainer.mfu)
+                flops_tok = flops_per_token(model.config, layout_len * metrics["attn_compute_density"],
+                                            params.matmul_active)
                 layout_tokens_per_s = metrics["tokens_per_s"] * layout_len / cfg.data.seq_len
                 metrics["mfu"] = layout_tokens_per_s * flops_tok / (cfg.trainer.peak_flops * ctx.world_size)
             logger.log(step, metrics)
