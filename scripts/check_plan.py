@@ -3,7 +3,7 @@
 Each setting runs in its own process: it builds a ZAYA (or Llama) TidarLM from a config, wraps it in the DeepSpeed
 engine (ZeRO-1, fp32, torch AdamW, SDPA) and takes two optimizer steps on random tokens. Measured = peak RSS minus
 the RSS before the model was built; planned = `plan_memory` of the same shapes (minus the DeepSpeed buckets, which
-are capped by the model's size on a model this small). Prints a table and writes scripts/out/check_plan.json.
+are capped by the model's size on a model this small). Prints a table and writes check_plan.json.
 
     PYTHONPATH=$PWD python scripts/check_plan.py
 """
@@ -83,9 +83,7 @@ def main() -> None:
         rows.append(row)
         print(f"{row['arch']:<6}{row['seq_len']:>6}{str(row['checkpointing']):>6}{str(row['loss_chunk_tokens']):>7}"
               f"{row['measured_mib']:>14.0f}{row['planned_mib']:>13.0f}{row['plan_over_measured']:>11.2f}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "check_plan.json").write_text(json.dumps(rows, indent=1))
+    Path("check_plan.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
