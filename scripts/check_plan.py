@@ -39,11 +39,10 @@ def measure(arch: str, seq_len: int, checkpointing: bool, chunk: int | None) -> 
 
     from ar2diff.config.engine import EngineConfig, ScheduleConfig
     from ar2diff.model import TidarLM, build_model
+    from ar2diff.model.loading import make_config
     from ar2diff.plan.cli import model_shape
     from ar2diff.plan.memory import TrainShape, plan_memory
     from ar2diff.trainer.engine import build_engine
-
-    from ar2diff.model.loading import make_config
 
     torch.manual_seed(0)
     config = make_config(ARCHS[arch])

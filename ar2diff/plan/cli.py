@@ -121,8 +121,11 @@ def split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """The plan's own key=value arguments apart from the Hydra overrides."""
     own, overrides = {}, []
     for arg in argv:
-        key = arg.split("=", 1)[0]
-        (own.__setitem__(key, arg.split("=", 1)[1]) if key in PLAN_KEYS and "=" in arg else overrides.append(arg))
+        key, _, value = arg.partition("=")
+        if key in PLAN_KEYS and value:
+            own[key] = value
+        else:
+            overrides.append(arg)
     return own, overrides
 
 
