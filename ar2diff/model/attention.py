@@ -76,8 +76,10 @@ def free_memory_bytes(device: torch.device) -> int | None:
     """Free memory of `device` (accelerator memory, or the host's available RAM for CPU); None when unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):  # MemAvailable counts reclaimable page cache
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return None
 
 
