@@ -8,8 +8,11 @@ function, so they cannot drift apart.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ar2diff.model.flex_mask import build_block_mask
 from ar2diff.model.layout import TokenMeta
 
 
@@ -46,14 +49,50 @@ def dense_mask(q_meta: TokenMeta, k_meta: TokenMeta | None = None) -> torch.Tens
 
 
 def block_mask(q_meta: TokenMeta, k_meta: TokenMeta | None = None, block_size: int = 128):
-    """A flex-attention BlockMask of the same predicate (accelerators; torch 2.13 has no flex backward on CPU)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """A flex-attention BlockMask of the same predicate (accelerators; torch 2.13 has no flex backward on CPU).
 
+    Built from the records' run structure (`ar2diff.model.flex_mask`), never as a dense QxK tensor.
+    """
     k_meta = q_meta if k_meta is None else k_meta
-    B, Q = q_meta.doc.shape
-    K = k_meta.doc.shape[1]
-    return create_block_mask(mask_mod(q_meta, k_meta), B, None, Q, K, device=q_meta.doc.device,
-                             BLOCK_SIZE=block_size)
+    return build_block_mask(q_meta, k_meta, mask_mod(q_meta, k_meta), block_size)
+
+
+# Peak bytes per (query, key) pair while `dense_mask` evaluates `can_attend` (measured on CPU at 2S = 8k: the
+# boolean result plus the predicate's intermediates); the eager form adds its float mask on top.
+DENSE_BYTES_PER_PAIR = 5
+
+
+class DenseMaskTooLargeError(MemoryError):
+    """The dense (B, 1, Q, K) mask of SDPA/eager attention would not fit in the device's free memory."""
+
+
+def dense_mask_bytes(impl: str, B: int, Q: int, K: int, dtype: torch.dtype = torch.float32) -> int:
+    """Peak bytes of building the dense mask form of `impl` ("sdpa" or "eager") for B rows of Q queries, K keys."""
+    extra = dtype.itemsize if impl == "eager" else 0
+    return B * Q * K * (DENSE_BYTES_PER_PAIR + extra)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of `device` (accelerator memory, or the host's available RAM for CPU); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):  # MemAvailable counts reclaimable page cache
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_dense_mask_fits(impl: str, q_meta: TokenMeta, k_meta: TokenMeta, dtype: torch.dtype) -> None:
+    """Raise DenseMaskTooLargeError, naming the fix, before a dense mask that cannot fit is allocated."""
+    (B, Q), K = q_meta.doc.shape, k_meta.doc.shape[1]
+    need = dense_mask_bytes(impl, B, Q, K, dtype)
+    free = free_memory_bytes(q_meta.doc.device)
+    if free is not None and need > free:
+        raise DenseMaskTooLargeError(
+            f"the dense {impl} attention mask for {B} row(s) of {Q} queries x {K} keys needs {need / 2**30:.1f} GiB, "
+            f"more than the {free / 2**30:.1f} GiB free on {q_meta.doc.device}; set "
+            "model.attn_implementation=flex_attention (its BlockMask is built without a dense mask)")
 
 
 def attention_mask_for(impl: str, q_meta: TokenMeta, k_meta: TokenMeta | None = None,
@@ -61,8 +100,12 @@ def attention_mask_for(impl: str, q_meta: TokenMeta, k_meta: TokenMeta | None = 
     """The mask in the form the model's attention implementation takes.
 
     SDPA takes the boolean mask. Eager adds the mask to the scores, so a boolean there would silently give wrong
-    logits: it gets an additive float mask instead. Flex takes a BlockMask.
+    logits: it gets an additive float mask instead. Flex takes a BlockMask. A dense mask that would not fit in
+    memory is refused with DenseMaskTooLargeError.
     """
+    k_meta = q_meta if k_meta is None else k_meta
+    if impl in ("sdpa", "eager"):
+        check_dense_mask_fits(impl, q_meta, k_meta, dtype)
     if impl == "sdpa":
         return dense_mask(q_meta, k_meta)
     if impl == "eager":

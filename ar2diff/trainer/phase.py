@@ -21,6 +21,7 @@ from ar2diff.logging import RunLogger
 from ar2diff.trainer import standard_callbacks as std
 from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.mfu import DensityWindow
 from ar2diff.trainer.sequence_parallel import loss_scale
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
 
@@ -120,8 +121,11 @@ class PhaseTrainer:
 
         cfg = self.cfg
         layout_len = cfg.data.seq_len * (2 if cfg.objective.kind == "tidar" else 1)
-        flops_tok = flops_per_token(state.lm.config, layout_len, state.extra["params"].matmul_active)
-        callbacks = [std.Metrics(flops_tok, layout_len), std.HeldoutEval(), std.Checkpointing(), std.Export(),
+        matmul_active = state.extra["params"].matmul_active
+        # attention FLOPs over the (query, key) pairs the kernel computes for the mask actually used (trainer/mfu.py)
+        density = DensityWindow(cfg.objective.kind, cfg.objective.block_size, cfg.model.attn_implementation)
+        callbacks = [std.Metrics(lambda attn_len: flops_per_token(state.lm.config, attn_len, matmul_active),
+                                 layout_len, density), std.HeldoutEval(), std.Checkpointing(), std.Export(),
                      std.ReleaseEngine(), std.Summary(), std.ProgressBar()]
         return callbacks + ([std.DecoderCheck()] if self.decoder_check else [])
 

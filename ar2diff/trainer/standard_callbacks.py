@@ -29,9 +29,15 @@ class Metrics(Callback):
 
     order = -20
 
-    def __init__(self, flops_per_token: float, layout_len: int):
-        self.flops_per_token, self.layout_len = flops_per_token, layout_len
+    def __init__(self, flops_per_token, layout_len: int, density):
+        """flops_per_token(attention_length) -> training FLOPs per layout token; `density` (a trainer.mfu.DensityWindow)
+        measures the mask of every micro batch, so attention is counted over the pairs actually computed."""
+        self.flops_per_token, self.layout_len, self.density = flops_per_token, layout_len, density
         self._reset()
+
+    def on_batch(self, state: TrainState, batch: dict) -> dict:
+        self.density.add(batch["doc_ids"], batch["position_ids"])
+        return batch
 
     def _reset(self) -> None:
         self.t, self.tokens, self.sums, self.n = time.time(), 0, {}, 0
@@ -53,9 +59,11 @@ class Metrics(Callback):
         dt = time.time() - self.t
         metrics.update(lr=state.engine.get_lr()[0], tokens_per_s=self.tokens / dt, tokens_seen=state.tokens_seen,
                        step_seconds=dt / max(1, self.n / budget.grad_accum_steps))
+        metrics.update(self.density.take())
         if cfg.trainer.peak_flops:
             layout_tokens_per_s = metrics["tokens_per_s"] * self.layout_len / cfg.data.seq_len
-            metrics["mfu"] = layout_tokens_per_s * self.flops_per_token / (cfg.trainer.peak_flops * state.world_size)
+            flops_tok = self.flops_per_token(self.layout_len * metrics["attn_compute_density"])
+            metrics["mfu"] = layout_tokens_per_s * flops_tok / (cfg.trainer.peak_flops * state.world_size)
         state.logger.log(state.step, metrics)
         state.extra["last_metrics"] = metrics
         self._reset()
