@@ -266,8 +266,17 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
     partial_dir = root / f"{tag}{PARTIAL_SUFFIX}"
     _run_on_rank0(_prepare_partial_dir, partial_dir)
 
-    engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
-    torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
+    try:
+        engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
+        torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
+    except (OSError, RuntimeError) as err:
+        from ar2diff.checkpoint.integrity import disk_full_error, is_disk_full
+
+        if not is_disk_full(err, partial_dir):
+            raise
+        shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
+        previous = find_latest_complete(root)
+        raise disk_full_error(partial_dir, str(previous.path) if previous else None) from None
     dist.barrier()
 
     marker = {
@@ -351,11 +360,13 @@ def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int, *, protect_t
 
 
 def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = None,
-                    restore_rng: bool = True, verify: Verify = "size") -> dict | None:
+                    restore_rng: bool = True, verify: Verify = "hash") -> dict | None:
     """Resume ``engine`` (module, optimizer and lr-scheduler states) from the newest complete
     checkpoint under ``ckpt_root`` (or ``tag``) and restore this rank's RNG state. Returns the
     client_state given to save_checkpoint, or None when there is no complete checkpoint (fresh start).
-    Call on every rank; rank 0 picks the checkpoint so that all ranks load the same one."""
+    Call on every rank; all ranks load the same one. With ``verify="hash"`` (the default) and no ``tag``, every
+    rank hashes a share of the newest checkpoint's files and a corrupted one falls back to the previous complete
+    checkpoint (integrity.pick_verified_checkpoint)."""
     root = Path(ckpt_root)
 
     def pick() -> CheckpointRef | None:
@@ -363,7 +374,12 @@ def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = N
             return resolve_checkpoint(root, tag, verify=verify)
         return find_latest_complete(root, verify=verify)
 
-    ref = _run_on_rank0(pick)
+    if tag is None and verify == "hash":
+        from ar2diff.checkpoint.integrity import pick_verified_checkpoint
+
+        ref = pick_verified_checkpoint(root)
+    else:
+        ref = _run_on_rank0(pick)
     if ref is None:
         return None
     world, stage = dist.get_world_size(), int(engine.zero_optimization_stage())
