@@ -9,6 +9,7 @@ and `eval.json`.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -76,11 +77,18 @@ def run(cfg: PhaseConfig, overrides: list[str] = ()) -> list:
     """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does)."""
     from ar2diff.trainer.distributed import init_distributed
 
-    cfg.validate(init_distributed().world_size)  # fail before any work; each phase validates its own config too
+    from ar2diff.trainer.run_lock import lock_run_dir
+
+    ctx = init_distributed()
+    cfg.validate(ctx.world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
-    if cfg.pipeline:
-        return run_pipeline(cfg, list(overrides), run_dir)
-    return [run_phase(cfg, run_dir)]
+    lock = lock_run_dir(run_dir, ctx.rank)  # a second job on this run folder stops here, on every rank
+    try:
+        if cfg.pipeline:
+            return run_pipeline(cfg, list(overrides), run_dir)
+        return [run_phase(cfg, run_dir)]
+    finally:
+        lock.release()
 
 
 _SWEEP_DIRS: dict[str, str] = {}  # the jobs of a --multirun sweep run in this process and share its folder
@@ -92,12 +100,21 @@ def main(dict_cfg: DictConfig) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ar2diff").setLevel(logging.INFO)
+    from ar2diff.cli_errors import USER_ERRORS, report
+    from ar2diff.trainer.faults import Preempted
+
     hydra_cfg = HydraConfig.get()
-    cfg = to_phase_config(dict_cfg)
-    if hydra_cfg.mode.name == "MULTIRUN":  # one folder per sweep, one subfolder per job
-        base = cfg.run_dir or _SWEEP_DIRS.setdefault(cfg.name, str(default_run_dir(cfg.name)))
-        cfg.run_dir = f"{base}/{hydra_cfg.job.num}"
-    run(cfg, list(hydra_cfg.overrides.task))
+    try:
+        cfg = to_phase_config(dict_cfg)
+        if hydra_cfg.mode.name == "MULTIRUN":  # one folder per sweep, one subfolder per job
+            base = cfg.run_dir or _SWEEP_DIRS.setdefault(cfg.name, str(default_run_dir(cfg.name)))
+            cfg.run_dir = f"{base}/{hydra_cfg.job.num}"
+        run(cfg, list(hydra_cfg.overrides.task))
+    except Preempted as stopped:  # the checkpoint is written: exit 0 so a scheduler's requeue resumes
+        logging.getLogger("ar2diff").warning("%s", stopped)
+        sys.exit(0)
+    except USER_ERRORS as err:  # one line, once (rank 0), no traceback
+        sys.exit(report("ar2diff.train", err))
 
 
 if __name__ == "__main__":

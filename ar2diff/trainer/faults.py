@@ -96,15 +96,23 @@ class StopSignal:
         log.warning("received %s: stopping at the next step boundary after a checkpoint (send again to exit now)",
                     signal.Signals(signum).name)
 
-    def __enter__(self) -> "StopSignal":
+    def install(self) -> "StopSignal":
+        """Catch the stop signals from now on (main thread only); returns self."""
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before `install`."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def __enter__(self) -> "StopSignal":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
 
     @property
     def name(self) -> str:

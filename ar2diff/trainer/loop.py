@@ -18,6 +18,8 @@ from ar2diff.config.budget import Budget, plan_budget
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.logging import RunLogger
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.faults import NonFiniteGuard, Preempted, StopSignal
+from ar2diff.trainer.resume_config import check_resume_config
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
 
 
@@ -66,7 +68,7 @@ def _prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: i
 
 def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None, callbacks=()) -> PhaseResult:
     """Train one phase into `run_dir` (checkpoints/, export/, summary.json, eval.json from callbacks)."""
-    from ar2diff.checkpoint import load_checkpoint, save_checkpoint, save_run_assets
+    from ar2diff.checkpoint import find_latest_complete, load_checkpoint, save_checkpoint, save_run_assets
     from ar2diff.export import export_checkpoint
     from ar2diff.trainer.engine import build_engine, count_params, flops_per_token
 
@@ -74,6 +76,8 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     cfg.validate(ctx.world_size)
     run_dir = Path(run_dir)
     ckpt_root, export_dir = run_dir / "checkpoints", run_dir / "export"
+    check_resume_config(run_dir, asdict(cfg), resuming=find_latest_complete(ckpt_root) is not None,
+                        allow_change=cfg.trainer.allow_config_change, write=ctx.rank == 0)
     _seed_all(cfg.seed)
 
     tokenizer = resolve_tokenizer(cfg)
@@ -115,8 +119,10 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
                         "history": logger.history}
         save_checkpoint(engine, ckpt_root, at_step, client_state, keep_last=cfg.trainer.keep_last)
 
+    guard, stop = NonFiniteGuard(cfg.trainer.max_nonfinite_skips), StopSignal().install()
     engine.train()
     while step < budget.steps:
+        position, step_sums = {"epoch": data.train.epoch, "step": data.train.step}, {}
         for micro in range(budget.grad_accum_steps):
             batch = {k: v.to(device) for k, v in next(data.train).items()}
             # the draft-mask RNG of the global micro batch: the same masks for any split over ranks and accumulation
@@ -128,7 +134,10 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
             engine.step()
             for k, v in out.terms.log_dict().items():
                 window["sums"][k] = window["sums"].get(k, 0.0) + float(v)
+                step_sums[k] = step_sums.get(k, 0.0) + float(v) / budget.grad_accum_steps
             window["n"] += 1
+        guard.check(step + 1, _mean_over_ranks(step_sums, device), engine.get_global_grad_norm(),
+                    engine.was_step_applied(), position)
         step += 1
         tokens_seen += budget.tokens_per_step
         window["tokens"] += budget.tokens_per_step
@@ -144,6 +153,13 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
             window = {"t": time.time(), "tokens": 0, "sums": {}, "n": 0}
         if step % ckpt_every == 0 and step < budget.steps:
             save(step)
+        if step < budget.steps and stop.should_stop(device):
+            if step % ckpt_every != 0:
+                save(step)
+            stop.uninstall()
+            logger.finish()
+            raise Preempted(step, stop.name)
+    stop.uninstall()
     save(step)
 
     if ctx.rank == 0:

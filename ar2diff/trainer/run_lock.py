@@ -142,3 +142,28 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def lock_run_dir(run_dir: str | os.PathLike, rank: int = 0):
+    """Rank 0 takes the run folder's lock and every rank learns the outcome, so a refused job stops on all ranks
+    (RunLocked everywhere). Returns an object with `release()` (a no-op on other ranks)."""
+    import torch.distributed as dist
+
+    lock, error = (_NoLock(), None)
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as err:
+            error = str(err)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RunLocked(error)
+    return lock
