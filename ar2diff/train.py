@@ -8,9 +8,11 @@ and `eval.json`.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,8 @@ from omegaconf import DictConfig
 from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.logging import write_json_atomic
+
+log = logging.getLogger("ar2diff.train")
 
 
 def default_run_dir(name: str) -> Path:
@@ -48,24 +52,50 @@ def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None):
     return train_phase(cfg, run_dir, group=group or cfg.logger.group, callbacks=phase_callbacks(cfg))
 
 
-def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
-    """Run the phases in order; each one starts from the previous phase's exported checkpoint."""
+def plan_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list[tuple[PhaseConfig, Path]]:
+    """Every phase composed and validated up front: (config, phase folder); phase i starts from phase i-1's export."""
+    from ar2diff.trainer.distributed import init_distributed
+
     base = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("model.path=")), None)
     passthrough = [o for o in user_overrides
                    if o.split("=", 1)[0].lstrip("+~") not in ("recipe", "run_dir")
                    and not o.lstrip("+~").startswith("inputs.")]
-    group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
-    results, previous = [], None
+    plan, previous = [], None
     for i, phase in enumerate(cfg.pipeline):
         if phase.skip_if_base and base is not None:
             continue
         overrides = [f"recipe={phase.recipe}", *phase.overrides, *passthrough]
         if previous is not None:
             overrides.append(f"model.path={previous}")
-        phase_cfg = compose(overrides)
-        result = run_phase(phase_cfg, run_dir / f"{i}_{phase_cfg.phase}", group=group)
-        results.append(result)
-        previous = result.export_dir
+        try:
+            phase_cfg = compose(overrides).validate(init_distributed().world_size)
+        except ValueError as err:
+            raise ValueError(f"pipeline phase {i} ({phase.recipe}): {err}") from None
+        phase_dir = run_dir / f"{i}_{phase_cfg.phase}"
+        plan.append((phase_cfg, phase_dir))
+        previous = phase_dir / "export"
+    return plan
+
+
+def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
+    """Run the phases in order, after checking every phase's inputs; a phase already complete is not redone."""
+    from ar2diff.preflight import check_phase_inputs, phase_complete
+    from ar2diff.trainer.loop import PhaseResult
+
+    plan = plan_pipeline(cfg, user_overrides, run_dir)
+    for i, (phase_cfg, phase_dir) in enumerate(plan):
+        if i > 0:  # later phases start from an export that does not exist yet
+            phase_cfg = replace(phase_cfg, model=replace(phase_cfg.model, path=None))
+        check_phase_inputs(phase_cfg, f"pipeline phase {phase_dir.name}: ")
+    group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
+    results = []
+    for phase_cfg, phase_dir in plan:
+        if phase_complete(phase_dir, phase_cfg):
+            log.warning("phase %s is complete (export, summary, eval): not redone", phase_dir)
+            summary = json.loads((phase_dir / "summary.json").read_text())
+            results.append(PhaseResult(run_dir=phase_dir, export_dir=phase_dir / "export", summary=summary))
+            continue
+        results.append(run_phase(phase_cfg, phase_dir, group=group))
     write_json_atomic(run_dir / "pipeline.json", {
         "recipe": cfg.name, "group": group,
         "phases": [{"phase": r.summary.get("phase"), "run_dir": str(r.run_dir), "export_dir": str(r.export_dir)}
@@ -86,6 +116,9 @@ def run(cfg: PhaseConfig, overrides: list[str] = ()) -> list:
     try:
         if cfg.pipeline:
             return run_pipeline(cfg, list(overrides), run_dir)
+        from ar2diff.preflight import check_phase_inputs
+
+        check_phase_inputs(cfg)
         return [run_phase(cfg, run_dir)]
     finally:
         lock.release()
