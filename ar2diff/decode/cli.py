@@ -131,6 +131,12 @@ def run(args) -> dict:
         raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
     if args.sampler != "mixing" and args.mix_weight is not None:
         raise CliError(f"--mix-weight applies only to --sampler mixing, not --sampler {args.sampler}")
+    from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
+    from ar2diff.model.folder_checks import check_tokenizer_files
+
+    check_device(args.device)
+    warn_ignored_flags(args)
+    check_tokenizer_files(args.checkpoint)
     lm = load_model(args.checkpoint, dtype=DTYPES[args.dtype]).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     prompts = [tokenizer.encode(text) for text in texts]
@@ -144,6 +150,7 @@ def run(args) -> dict:
         results = decode_ar(lm, prompts, cfg, tokenizer=tokenizer)
     else:
         mask_id, block_size = _mask_and_block(lm, tokenizer, args)
+        warn_block_size(block_size, getattr(lm.config, "tidar_block_size", None))
         cfg = TidarConfig(**shared, block_size=block_size, levels=args.levels, sampler=args.sampler,
                           mix_weight=args.mix_weight or 0.0, drafter_temperature=args.drafter_temperature)
         results = decode_tidar(TidarLM(lm, mask_id, block_size), prompts, cfg, tokenizer=tokenizer)
