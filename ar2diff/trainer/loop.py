@@ -93,6 +93,9 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     dp_size = budget.data_parallel_size
     dp_rank = ctx.rank // max(1, cfg.deepspeed.sequence_parallel_size)
     data = _prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank, dp_size)
+    from ar2diff.data.report import report_sources
+
+    report_sources(data.train.data, data.heldout, budget.steps * cfg.budget.global_batch_size, logger.print, ctx.rank)
     engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
     engine = build_engine(model, engine_cfg, cfg.schedule, budget.steps)
 
