@@ -39,7 +39,7 @@ def pick_verified_checkpoint(ckpt_root: str | Path):
     or None. Collective: call on every rank; all ranks get the same answer."""
     import deepspeed.comm as dist
 
-    from ar2diff.checkpoint.resume import _run_on_rank0, _step_dirs, check_manifest
+    from ar2diff.checkpoint.resume import _run_on_rank0, _step_dirs, all_gather_object, check_manifest
 
     root = Path(ckpt_root)
 
@@ -60,7 +60,7 @@ def pick_verified_checkpoint(ckpt_root: str | Path):
         names = sorted(marker["files"])
         mine = _bad_files(root / tag, marker["files"], names[rank::world])
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, mine)
+        all_gather_object(gathered, mine)
         bad = sorted(n for part in gathered for n in part)
         if not bad:
             return CheckpointRef(root=root, tag=tag, step=step, marker=marker)

@@ -215,18 +215,60 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None, *, verif
 # ------------------------------------------------------------------------------------------- save
 
 
+_COORD_GROUP: list = []
+
+
+def coordination_group():
+    """A gloo process group used only by ar2diff's own checkpoint coordination (None in a one-rank world).
+
+    Why: collectives on one group are matched by call order. DeepSpeed's save issues its own collectives on the
+    default group, and in the 4-rank AutoEP ZeRO-3 test a rank once hashed a peer's RNG file before that peer had
+    written it: our barrier had paired with a collective of the peer's still-running save. Barriers and exchanges
+    on a group nobody else uses can only pair with each other, so "every rank has finished writing" really holds
+    when hashing starts. Created lazily; every rank reaches the first save/load together, so creation is collective.
+    """
+    if dist.get_world_size() == 1:
+        return None
+    if not _COORD_GROUP:
+        import torch.distributed as torch_dist
+
+        _COORD_GROUP.append(torch_dist.new_group(backend="gloo"))
+    return _COORD_GROUP[0]
+
+
+def _barrier() -> None:
+    import torch.distributed as torch_dist
+
+    group = coordination_group()
+    if group is not None:
+        torch_dist.barrier(group=group)
+
+
 def _run_on_rank0(fn, *args) -> Any:
     """Run ``fn`` on rank 0 only; every rank returns its result or raises its error (no rank hangs)."""
+    import torch.distributed as torch_dist
+
     result: list = [None, None]
     if dist.get_rank() == 0:
         try:
             result = [fn(*args), None]
         except Exception as err:  # re-raised on every rank below
             result = [None, f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(result, src=0)
+    if dist.get_world_size() > 1:
+        torch_dist.broadcast_object_list(result, src=0, group=coordination_group())
     if result[1] is not None:
         raise RuntimeError(f"checkpoint step failed on rank 0: {result[1]}")
     return result[0]
+
+
+def all_gather_object(out: list, obj) -> None:
+    """``torch.distributed.all_gather_object`` on the coordination group (a copy of ``obj`` in a one-rank world)."""
+    import torch.distributed as torch_dist
+
+    if dist.get_world_size() == 1:
+        out[0] = obj
+    else:
+        torch_dist.all_gather_object(out, obj, group=coordination_group())
 
 
 def _hash_manifest(partial_dir: Path, hash_files: bool) -> dict:
@@ -235,7 +277,7 @@ def _hash_manifest(partial_dir: Path, hash_files: bool) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {n: _sha256(partial_dir / n) for n in names[rank::world]} if hash_files else {}
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
+    all_gather_object(gathered, mine)
     digests = {k: v for part in gathered for k, v in part.items()}
     return {n: {"size": (partial_dir / n).stat().st_size, "sha256": digests.get(n)} for n in names}
 
@@ -277,7 +319,7 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
         shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
         previous = find_latest_complete(root)
         raise disk_full_error(partial_dir, str(previous.path) if previous else None) from None
-    dist.barrier()
+    _barrier()  # on ar2diff's own group: every rank's files are written before anyone hashes them
 
     marker = {
         "tag": tag, "step": step, "world_size": dist.get_world_size(),
@@ -286,7 +328,7 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
         "files": _hash_manifest(partial_dir, hash_files),
     }
     _run_on_rank0(_commit, root, tag, marker, keep_last)
-    dist.barrier()
+    _barrier()
     return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
 
 
