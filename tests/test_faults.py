@@ -135,3 +135,31 @@ def test_resume_with_changed_schedule_is_refused_unless_allowed(tmp_path):
     assert check_resume_config(tmp_path, changed, resuming=True, allow_change=True) == [
         "budget.tokens: 5120 -> 9999", "schedule.lr: 0.001 -> 1.0"]
     assert json.loads((tmp_path / "resolved_config.json").read_text())["budget"]["tokens"] == 9999
+
+
+def _stop_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 alone is signalled before step 3; both ranks must stop at the same step boundary."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stopped_at = None
+    with StopSignal() as stop:
+        for step in range(1, 10):
+            if rank == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05 * rank)  # the signalled rank is also the slower one
+            if stop.should_stop():
+                stopped_at = step
+                break
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"step": stopped_at, "signal": stop.name}))
+    dist.destroy_process_group()
+
+
+def test_all_ranks_stop_at_the_same_step_when_only_one_is_signalled(tmp_path):
+    import torch.multiprocessing as mp
+
+    from ar2diff.trainer.distributed import free_port
+
+    mp.spawn(_stop_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"step": 3, "signal": "SIGTERM"}] * 2
