@@ -9,7 +9,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import torch
 
 from ar2diff.checkpoint import export_model, read_metadata, save_checkpoint, save_run_assets
 from ar2diff.export import main

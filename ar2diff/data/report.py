@@ -34,9 +34,10 @@ def source_warnings(stats: dict[str, DataStats], train_rows: dict[str, int], wei
     for name, s in stats.items():
         records = s.docs + s.total_skipped
         if records and s.total_skipped / records > MAX_SKIPPED_SHARE:
+            reasons = dict(sorted(s.skipped.items()))
             out.append(f"data source {name}: {s.total_skipped:,} of {records:,} records skipped "
-                       f"({s.total_skipped / records:.0%} > {MAX_SKIPPED_SHARE:.0%}): {dict(sorted(s.skipped.items()))};"
-                       " check the file's format and the source's text_field/messages_field")
+                       f"({s.total_skipped / records:.0%} > {MAX_SKIPPED_SHARE:.0%}): {reasons}; "
+                       "check the file's format and the source's text_field/messages_field")
         rows = train_rows.get(name, 0)
         if rows:
             epochs = budget_rows * weights[name] / total_weight / rows
