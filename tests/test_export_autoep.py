@@ -103,7 +103,7 @@ def test_export_with_expert_data_parallel_groups(tmp_path):
 
     It once failed with a rank hashing a peer's RNG file before the peer had written it: ar2diff's save barrier
     shared the default process group with DeepSpeed's own save collectives and could pair with one of them.
-    The checkpoint coordination now runs on its own gloo group (checkpoint/resume.py coordination_group)."""
+    The checkpoint coordination now runs on its own gloo group (checkpoint/coordination.py)."""
     out = launch(tmp_path / "runs", 4, "qwen3_moe_z2", "qwen3_moe_z3")
     for case in ("qwen3_moe_z2", "qwen3_moe_z3"):
         assert main(["--checkpoint", str(out / case), "--out", str(tmp_path / case)]) == 0

@@ -39,7 +39,8 @@ def pick_verified_checkpoint(ckpt_root: str | Path):
     or None. Collective: call on every rank; all ranks get the same answer."""
     import deepspeed.comm as dist
 
-    from ar2diff.checkpoint.resume import _run_on_rank0, _step_dirs, all_gather_object, check_manifest
+    from ar2diff.checkpoint.coordination import all_gather_object, run_on_rank0
+    from ar2diff.checkpoint.resume import _step_dirs, check_manifest
 
     root = Path(ckpt_root)
 
@@ -56,7 +57,7 @@ def pick_verified_checkpoint(ckpt_root: str | Path):
     from ar2diff.checkpoint.resume import CheckpointRef
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    for step, tag, marker in _run_on_rank0(candidates):
+    for step, tag, marker in run_on_rank0(candidates):
         names = sorted(marker["files"])
         mine = _bad_files(root / tag, marker["files"], names[rank::world])
         gathered: list = [None] * world

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from ar2diff.checkpoint.coordination import all_gather_object, barrier, run_on_rank0
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "ar2diff_complete.json"
@@ -215,65 +217,9 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None, *, verif
 # ------------------------------------------------------------------------------------------- save
 
 
-_COORD_GROUP: list = []
-
-
-def coordination_group():
-    """A gloo process group used only by ar2diff's own checkpoint coordination (None in a one-rank world).
-
-    Why: collectives on one group are matched by call order. DeepSpeed's save issues its own collectives on the
-    default group, and in the 4-rank AutoEP ZeRO-3 test a rank once hashed a peer's RNG file before that peer had
-    written it: our barrier had paired with a collective of the peer's still-running save. Barriers and exchanges
-    on a group nobody else uses can only pair with each other, so "every rank has finished writing" really holds
-    when hashing starts. Created lazily; every rank reaches the first save/load together, so creation is collective.
-    """
-    if dist.get_world_size() == 1:
-        return None
-    if not _COORD_GROUP:
-        import torch.distributed as torch_dist
-
-        _COORD_GROUP.append(torch_dist.new_group(backend="gloo"))
-    return _COORD_GROUP[0]
-
-
-def _barrier() -> None:
-    import torch.distributed as torch_dist
-
-    group = coordination_group()
-    if group is not None:
-        torch_dist.barrier(group=group)
-
-
-def _run_on_rank0(fn, *args) -> Any:
-    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error (no rank hangs)."""
-    import torch.distributed as torch_dist
-
-    result: list = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            result = [fn(*args), None]
-        except Exception as err:  # re-raised on every rank below
-            result = [None, f"{type(err).__name__}: {err}"]
-    if dist.get_world_size() > 1:
-        torch_dist.broadcast_object_list(result, src=0, group=coordination_group())
-    if result[1] is not None:
-        raise RuntimeError(f"checkpoint step failed on rank 0: {result[1]}")
-    return result[0]
-
-
-def all_gather_object(out: list, obj) -> None:
-    """``torch.distributed.all_gather_object`` on the coordination group (a copy of ``obj`` in a one-rank world)."""
-    import torch.distributed as torch_dist
-
-    if dist.get_world_size() == 1:
-        out[0] = obj
-    else:
-        torch_dist.all_gather_object(out, obj, group=coordination_group())
-
-
 def _hash_manifest(partial_dir: Path, hash_files: bool) -> dict:
     """{name: {size, sha256}} for every file; hashing is shared out across ranks."""
-    names = _run_on_rank0(_list_files, partial_dir)
+    names = run_on_rank0(_list_files, partial_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {n: _sha256(partial_dir / n) for n in names[rank::world]} if hash_files else {}
     gathered: list = [None] * world
@@ -306,7 +252,7 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
     _check_engine_supported(engine)
     root, tag = Path(ckpt_root), step_tag(step)
     partial_dir = root / f"{tag}{PARTIAL_SUFFIX}"
-    _run_on_rank0(_prepare_partial_dir, partial_dir)
+    run_on_rank0(_prepare_partial_dir, partial_dir)
 
     try:
         engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
@@ -319,7 +265,7 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
         shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
         previous = find_latest_complete(root)
         raise disk_full_error(partial_dir, str(previous.path) if previous else None) from None
-    _barrier()  # on ar2diff's own group: every rank's files are written before anyone hashes them
+    barrier()  # on ar2diff's own group: every rank's files are written before anyone hashes them
 
     marker = {
         "tag": tag, "step": step, "world_size": dist.get_world_size(),
@@ -327,8 +273,8 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
         "client_keys": sorted(client_state), "client_summary": _client_summary(client_state),
         "files": _hash_manifest(partial_dir, hash_files),
     }
-    _run_on_rank0(_commit, root, tag, marker, keep_last)
-    _barrier()
+    run_on_rank0(_commit, root, tag, marker, keep_last)
+    barrier()
     return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
 
 
@@ -421,7 +367,7 @@ def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = N
 
         ref = pick_verified_checkpoint(root)
     else:
-        ref = _run_on_rank0(pick)
+        ref = run_on_rank0(pick)
     if ref is None:
         return None
     world, stage = dist.get_world_size(), int(engine.zero_optimization_stage())
