@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,39 @@ def test_phase_complete_needs_export_summary_and_eval(tmp_path):
     assert not phase_complete(tmp_path, cfg)
     (tmp_path / "summary.json").write_text("{}")
     assert not phase_complete(tmp_path, cfg)  # no export
+
+
+def test_pipeline_rerun_goes_straight_to_the_first_unfinished_phase(tmp_path, monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    import ar2diff.train as T
+    from ar2diff.checkpoint import export_model
+    from ar2diff.trainer import distributed
+    from ar2diff.trainer.loop import PhaseResult
+
+    spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
+    W = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(W)
+    monkeypatch.setattr(distributed, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1))
+    small = ["data.sources.0.path=json/*", "data.heldout_fraction=0.4", "data.seq_len=64"]
+    cfg = compose(["recipe=quickstart", *small])
+    plan = T.plan_pipeline(cfg, small, tmp_path)
+    assert [d.name for _, d in plan] == ["0_ar_pretrain", "1_tidar_midtrain", "2_context_extension",
+                                         "3_diffusion_sft"]
+    for phase_cfg, phase_dir in plan[:2]:  # phases 0 and 1 finished: export, summary (and eval for TiDAR)
+        export_model(W.tiny_model("llama", seed=0), W.tiny_tokenizer(), phase_dir / "export", W.RUN_META)
+        (phase_dir / "summary.json").write_text(json.dumps({"phase": phase_cfg.phase}))
+    assert phase_complete(plan[0][1], plan[0][0]) and not phase_complete(plan[1][1], plan[1][0])  # no eval.json
+    (plan[1][1] / "eval.json").write_text("{}")
+    ran = []
+
+    def fake_run_phase(phase_cfg, phase_dir, group=None):
+        ran.append(phase_dir.name)
+        return PhaseResult(run_dir=phase_dir, export_dir=phase_dir / "export", summary={"phase": phase_cfg.phase})
+
+    monkeypatch.setattr(T, "run_phase", fake_run_phase)
+    results = T.run_pipeline(cfg, small, tmp_path)
+    assert ran == ["2_context_extension", "3_diffusion_sft"]
+    assert [r.summary["phase"] for r in results] == ["ar_pretrain", "tidar_midtrain", "context_extension",
+                                                     "diffusion_sft"]
