@@ -10,8 +10,11 @@ named by its swept overrides, next to Hydra's `multirun.yaml`.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -29,6 +32,8 @@ OmegaConf.register_new_resolver("ar2diff_or", lambda value, default: default if 
 # --help: the built-in recipes (Hydra lists only the groups of conf/ itself)
 OmegaConf.register_new_resolver(
     "ar2diff_recipes", lambda: ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))), replace=True)
+
+log = logging.getLogger("ar2diff.train")
 
 
 def default_run_dir(name: str) -> Path:
@@ -63,24 +68,50 @@ def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbac
                         decoder_check=decoder_check).run()
 
 
-def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
-    """Run the phases in order; each one starts from the previous phase's exported checkpoint."""
+def plan_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list[tuple[PhaseConfig, Path]]:
+    """Every phase composed and validated up front: (config, phase folder); phase i starts from phase i-1's export."""
+    from ar2diff.trainer.distributed import init_distributed
+
     base = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("model.path=")), None)
     passthrough = [o for o in user_overrides
                    if o.split("=", 1)[0].lstrip("+~") not in ("recipe", "run_dir")
                    and not o.lstrip("+~").startswith("inputs.")]
-    group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
-    results, previous = [], None
+    plan, previous = [], None
     for i, phase in enumerate(cfg.pipeline):
         if phase.skip_if_base and base is not None:
             continue
         overrides = [f"recipe={phase.recipe}", *phase.overrides, *passthrough]
         if previous is not None:
             overrides.append(f"model.path={previous}")
-        phase_cfg = compose(overrides)
-        result = run_phase(phase_cfg, run_dir / f"{i}_{phase_cfg.phase}", group=group, overrides=overrides)
-        results.append(result)
-        previous = result.export_dir
+        try:
+            phase_cfg = compose(overrides).validate(init_distributed().world_size)
+        except ValueError as err:
+            raise ValueError(f"pipeline phase {i} ({phase.recipe}): {err}") from None
+        phase_dir = run_dir / f"{i}_{phase_cfg.phase}"
+        plan.append((phase_cfg, phase_dir, overrides))
+        previous = phase_dir / "export"
+    return plan
+
+
+def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
+    """Run the phases in order, after checking every phase's inputs; a phase already complete is not redone."""
+    from ar2diff.preflight import check_phase_inputs, phase_complete
+    from ar2diff.trainer.phase import PhaseResult
+
+    plan = plan_pipeline(cfg, user_overrides, run_dir)
+    for i, (phase_cfg, phase_dir, _) in enumerate(plan):
+        if i > 0:  # later phases start from an export that does not exist yet
+            phase_cfg = replace(phase_cfg, model=replace(phase_cfg.model, path=None))
+        check_phase_inputs(phase_cfg, f"pipeline phase {phase_dir.name}: ")
+    group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
+    results = []
+    for phase_cfg, phase_dir, overrides in plan:
+        if phase_complete(phase_dir, phase_cfg):
+            log.warning("phase %s is complete (export, summary, eval): not redone", phase_dir)
+            summary = json.loads((phase_dir / "summary.json").read_text())
+            results.append(PhaseResult(run_dir=phase_dir, export_dir=phase_dir / "export", summary=summary))
+            continue
+        results.append(run_phase(phase_cfg, phase_dir, group=group, overrides=overrides))
     write_json_atomic(run_dir / "pipeline.json", {
         "recipe": cfg.name, "group": group,
         "phases": [{"phase": r.summary.get("phase"), "run_dir": str(r.run_dir), "export_dir": str(r.export_dir)}
@@ -93,16 +124,25 @@ def run(cfg: PhaseConfig, overrides: list[str] = (), resume_overrides: list[str]
     print the resume command with `resume_overrides` (default: `overrides`)."""
     from ar2diff.trainer.distributed import init_distributed
 
-    world_size = init_distributed().world_size
-    cfg.validate(world_size)  # fail before any work; each phase validates its own config too
+    from ar2diff.trainer.run_lock import lock_run_dir
+
+    ctx = init_distributed()
+    cfg.validate(ctx.world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
-    if _on_rank0():
-        announce(run_dir, list(overrides if resume_overrides is None else resume_overrides), world_size)
-    if cfg.pipeline:
+    lock = lock_run_dir(run_dir, ctx.rank)  # a second job on this run folder stops here, on every rank
+    try:
         if _on_rank0():
-            write_run_record(run_dir, cfg, list(overrides))
-        return run_pipeline(cfg, list(overrides), run_dir)
-    return [run_phase(cfg, run_dir, overrides=list(overrides))]
+            announce(run_dir, list(overrides if resume_overrides is None else resume_overrides), ctx.world_size)
+        if cfg.pipeline:
+            if _on_rank0():
+                write_run_record(run_dir, cfg, list(overrides))
+            return run_pipeline(cfg, list(overrides), run_dir)
+        from ar2diff.preflight import check_phase_inputs
+
+        check_phase_inputs(cfg)
+        return [run_phase(cfg, run_dir, overrides=list(overrides))]
+    finally:
+        lock.release()
 
 
 NO_RECIPE = """python -m ar2diff.train needs a recipe (or overrides saying what to train); nothing was started.
@@ -117,20 +157,27 @@ def hydra_main(dict_cfg: DictConfig) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ar2diff").setLevel(logging.INFO)
+    from ar2diff.cli_errors import USER_ERRORS, report
+    from ar2diff.trainer.faults import Preempted
+
     hydra_cfg = HydraConfig.get()
     task = list(hydra_cfg.overrides.task)
     if not task:
         raise SystemExit(NO_RECIPE)
-    cfg = to_phase_config(dict_cfg)
-    if hydra_cfg.mode.name == "MULTIRUN":  # the sweep folder (run_dir= or a new one) holds multirun.yaml + the jobs
-        cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / sweep_job_dirname(task, job_num=hydra_cfg.job.num))
-    run(cfg, task, resume_overrides=[*user_search_path(list(hydra_cfg.overrides.hydra)), *task])
+    try:
+        cfg = to_phase_config(dict_cfg)
+        if hydra_cfg.mode.name == "MULTIRUN":  # the sweep folder (run_dir= or a new one) holds multirun.yaml + jobs
+            cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / sweep_job_dirname(task, job_num=hydra_cfg.job.num))
+        run(cfg, task, resume_overrides=[*user_search_path(list(hydra_cfg.overrides.hydra)), *task])
+    except Preempted as stopped:  # the checkpoint is written: exit 0 so a scheduler's requeue resumes
+        logging.getLogger("ar2diff").warning("%s", stopped)
+        sys.exit(0)
+    except USER_ERRORS as err:  # one line, once (rank 0), no traceback
+        sys.exit(report("ar2diff.train", err))
 
 
 def main() -> None:
     """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
-    import sys
-
     flags = [a for a in sys.argv[1:] if a.startswith("-")]
     sys.argv[1:] = flags + search_path_override([a for a in sys.argv[1:] if not a.startswith("-")])
     hydra_main()

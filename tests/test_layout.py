@@ -35,3 +35,15 @@ def test_random_mask_ratio_keeps_some_tokens():
     assert lay.input_ids_BL[0, 8:].tolist() == [M, 1, M, 3, M, 5, M, 7]
     with pytest.raises(ValueError, match="mask_ratio"):
         sample_draft_mask((1, 4), 0.0)
+
+
+def test_layout_rejects_document_ids_that_repeat_non_contiguously():
+    from ar2diff.model.layout import causal_meta, check_contiguous_docs
+
+    ids = torch.arange(6).view(1, 6)
+    check_contiguous_docs(torch.tensor([[0, 0, 1, 1, 2, -1], [5, 5, 5, 7, 7, 7]]))
+    leaky = torch.tensor([[0, 0, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="row 0: document id 0 appears in two separate segments"):
+        build_tidar_layout(ids, mask_token_id=99, block_size=2, doc_ids_BS=leaky)
+    with pytest.raises(ValueError, match="row 1: document id 3"):
+        causal_meta(torch.tensor([[0, 0, 0, 1, 1, 1], [3, 4, 3, 5, 5, 5]]), torch.zeros(2, 6, dtype=torch.long))

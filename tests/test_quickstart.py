@@ -82,3 +82,11 @@ def test_quickstart_pipeline(tmp_path):
         (record,) = Path(p["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")
         raw = record.read_bytes()
         assert pipeline["group"].encode() in raw and b'"mask_ratio"' in raw and b'"bpe_vocab_size"' in raw
+
+    # a re-run of the finished pipeline trains, exports and evaluates nothing
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "pipeline.json"}
+    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("is complete (export, summary, eval): not redone") == 4
+    assert "[train step" not in again.stdout and "[eval]" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -90,10 +90,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     own ``step``/``tokens_seen``). ``overwrite=True`` replaces an existing export atomically."""
     from transformers import AutoModelForCausalLM
 
+    from ar2diff.checkpoint.safe_export import check_destination
+
     ref = resolve_checkpoint(checkpoint, tag)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} exists; remove it or pass --overwrite")
+    check_destination(out, overwrite, protect=[ref.root, ref.path])  # before any work; refuses run folders
     assets, meta = _assets(ref, base, block_size)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(assets.config)

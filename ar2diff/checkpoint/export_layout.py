@@ -102,13 +102,15 @@ def export_model(model: nn.Module, tokenizer, dest: str | os.PathLike, metadata:
     unexpected key fails here, tied embeddings stay tied and the saved dtype is the state dict's.
     The tokenizer and config are copied, never modified. Returns ``dest``.
     """
+    from ar2diff.checkpoint.safe_export import check_destination, check_finite, make_world_readable
+
     meta = ExportMetadata.from_mapping(metadata)
     model = _unwrap(model)
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"export destination {dest} exists; remove it or pass overwrite=True (--overwrite)")
+    check_destination(dest, overwrite)  # only a complete export is ever replaced; never a run or a file
     skeleton = build_loaded_skeleton(type(model), model.config, state_dict if state_dict is not None
                                      else model.state_dict())
+    check_finite(skeleton.state_dict(), f"to {dest}")
     skeleton.config.mask_token_id = meta.mask_token_id
     setattr(skeleton.config, BLOCK_SIZE_CONFIG_KEY, meta.block_size)
     if getattr(model, "generation_config", None) is not None:
@@ -123,6 +125,7 @@ def export_model(model: nn.Module, tokenizer, dest: str | os.PathLike, metadata:
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_NAME).write_text(json.dumps(meta.to_json_dict(), indent=2, sort_keys=True))
         _write_marker(tmp)
+        make_world_readable(tmp)
         _replace_dir(tmp, dest)
     finally:
         if tmp.exists():

@@ -36,6 +36,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ar2diff.atomic import write_json_atomic, write_text_atomic
+from ar2diff.checkpoint.coordination import all_gather_object, barrier, run_on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +207,13 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None, *, verif
 # ------------------------------------------------------------------------------------------- save
 
 
-def _run_on_rank0(fn, *args) -> Any:
-    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error (no rank hangs)."""
-    result: list = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            result = [fn(*args), None]
-        except Exception as err:  # re-raised on every rank below
-            result = [None, f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(result, src=0)
-    if result[1] is not None:
-        raise RuntimeError(f"checkpoint step failed on rank 0: {result[1]}")
-    return result[0]
-
-
 def _hash_manifest(partial_dir: Path, hash_files: bool) -> dict:
     """{name: {size, sha256}} for every file; hashing is shared out across ranks."""
-    names = _run_on_rank0(_list_files, partial_dir)
+    names = run_on_rank0(_list_files, partial_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {n: _sha256(partial_dir / n) for n in names[rank::world]} if hash_files else {}
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
+    all_gather_object(gathered, mine)
     digests = {k: v for part in gathered for k, v in part.items()}
     return {n: {"size": (partial_dir / n).stat().st_size, "sha256": digests.get(n)} for n in names}
 
@@ -255,11 +242,20 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
     _check_engine_supported(engine)
     root, tag = Path(ckpt_root), step_tag(step)
     partial_dir = root / f"{tag}{PARTIAL_SUFFIX}"
-    _run_on_rank0(_prepare_partial_dir, partial_dir)
+    run_on_rank0(_prepare_partial_dir, partial_dir)
 
-    engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
-    torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
-    dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
+        torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
+    except (OSError, RuntimeError) as err:
+        from ar2diff.checkpoint.integrity import disk_full_error, is_disk_full
+
+        if not is_disk_full(err, partial_dir):
+            raise
+        shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
+        previous = find_latest_complete(root)
+        raise disk_full_error(partial_dir, str(previous.path) if previous else None) from None
+    barrier()  # on ar2diff's own group: every rank's files are written before anyone hashes them
 
     marker = {
         "tag": tag, "step": step, "world_size": dist.get_world_size(),
@@ -267,8 +263,8 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
         "client_keys": sorted(client_state), "client_summary": _client_summary(client_state),
         "files": _hash_manifest(partial_dir, hash_files),
     }
-    _run_on_rank0(_commit, root, tag, marker, keep_last)
-    dist.barrier()
+    run_on_rank0(_commit, root, tag, marker, keep_last)
+    barrier()
     return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
 
 
@@ -342,11 +338,13 @@ def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int, *, protect_t
 
 
 def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = None,
-                    restore_rng: bool = True, verify: Verify = "size") -> dict | None:
+                    restore_rng: bool = True, verify: Verify = "hash") -> dict | None:
     """Resume ``engine`` (module, optimizer and lr-scheduler states) from the newest complete
     checkpoint under ``ckpt_root`` (or ``tag``) and restore this rank's RNG state. Returns the
     client_state given to save_checkpoint, or None when there is no complete checkpoint (fresh start).
-    Call on every rank; rank 0 picks the checkpoint so that all ranks load the same one."""
+    Call on every rank; all ranks load the same one. With ``verify="hash"`` (the default) and no ``tag``, every
+    rank hashes a share of the newest checkpoint's files and a corrupted one falls back to the previous complete
+    checkpoint (integrity.pick_verified_checkpoint)."""
     root = Path(ckpt_root)
 
     def pick() -> CheckpointRef | None:
@@ -354,7 +352,12 @@ def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = N
             return resolve_checkpoint(root, tag, verify=verify)
         return find_latest_complete(root, verify=verify)
 
-    ref = _run_on_rank0(pick)
+    if tag is None and verify == "hash":
+        from ar2diff.checkpoint.integrity import pick_verified_checkpoint
+
+        ref = pick_verified_checkpoint(root)
+    else:
+        ref = run_on_rank0(pick)
     if ref is None:
         return None
     world, stage = dist.get_world_size(), int(engine.zero_optimization_stage())

@@ -64,6 +64,8 @@ class TrainerConfig:
     peak_flops: float | None = None  # per device, for MFU; None = unknown (MFU not logged)
     eval_every: int = 0  # optimizer steps between held-out AR + diffusion losses during the phase; 0 = phase end only
     progress_bar: bool = True  # rank-0 tqdm bar (step, tokens, loss, tokens/s, ETA)
+    max_nonfinite_skips: int = 0  # steps with a non-finite loss/grad norm the optimizer dropped that may be skipped
+    allow_config_change: bool = False  # resume even if the config changes schedule/data (differences are listed)
 
 
 @dataclass
@@ -156,6 +158,8 @@ class PhaseConfig:
         for key in ("log_every", "ckpt_every", "keep_last"):
             if getattr(t, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+        if t.max_nonfinite_skips < 0:
+            raise ValueError(f"trainer.max_nonfinite_skips={t.max_nonfinite_skips} must be >= 0")
         if self.logger.mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode={self.logger.mode!r} must be offline, online or disabled")
         d = self.decoder

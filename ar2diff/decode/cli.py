@@ -117,6 +117,12 @@ def run(args) -> dict:
         raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
     if args.sampler != "mixing" and args.mix_weight is not None:
         raise CliError(f"--mix-weight applies only to --sampler mixing, not --sampler {args.sampler}")
+    from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
+    from ar2diff.model.folder_checks import check_tokenizer_files
+
+    check_device(args.device)
+    warn_ignored_flags(args)
+    check_tokenizer_files(args.checkpoint)
     export = load_export(args.checkpoint, dtype=TORCH_DTYPES[args.dtype], device=args.device,
                          block_size=args.block_size)
     lm, tokenizer = export.lm, export.tokenizer
@@ -131,6 +137,7 @@ def run(args) -> dict:
         results = decode_ar(lm, prompts, cfg, tokenizer=tokenizer)
     else:
         model = export.tidar()
+        warn_block_size(model.block_size, getattr(lm.config, "tidar_block_size", None))
         cfg = TidarConfig(**shared, block_size=model.block_size, levels=args.levels, sampler=args.sampler,
                           mix_weight=args.mix_weight or 0.0, drafter_temperature=args.drafter_temperature)
         results = decode_tidar(model, prompts, cfg, tokenizer=tokenizer)

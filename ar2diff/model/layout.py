@@ -68,6 +68,26 @@ def positions_from_docs(doc_ids_BS: torch.Tensor) -> torch.Tensor:
     return idx_BS - start_idx_BS
 
 
+def check_contiguous_docs(doc_ids_BS: torch.Tensor) -> None:
+    """Raise ValueError if a row's document ids repeat non-contiguously (e.g. 0, 1, 0).
+
+    The mask allows attention between equal document ids, so a document id that comes back later in the row would
+    let the later segment see the earlier one. The packer never writes such rows; other inputs are rejected here.
+    """
+    B, S = doc_ids_BS.shape
+    starts_BS = torch.ones_like(doc_ids_BS, dtype=torch.bool)
+    starts_BS[:, 1:] = doc_ids_BS[:, 1:] != doc_ids_BS[:, :-1]
+    sentinel = torch.iinfo(torch.long).max
+    run_ids_BS = torch.where(starts_BS, doc_ids_BS.long(), torch.full_like(doc_ids_BS, sentinel, dtype=torch.long))
+    sorted_BS = run_ids_BS.sort(dim=1).values
+    repeat_BS = (sorted_BS[:, 1:] == sorted_BS[:, :-1]) & (sorted_BS[:, 1:] != sentinel)
+    if bool(repeat_BS.any()):
+        row = int(repeat_BS.any(dim=1).nonzero()[0])
+        doc = int(sorted_BS[row, 1:][repeat_BS[row]][0])
+        raise ValueError(f"doc_ids row {row}: document id {doc} appears in two separate segments; each document "
+                         "must occupy one contiguous span of a packed row (renumber the later segment)")
+
+
 def sample_draft_mask(shape: tuple[int, int], mask_ratio: float, generator: torch.Generator | None = None,
                       device=None) -> torch.Tensor:
     """Which draft positions hold [MASK]: all of them for "full mask" (ratio 1.0, TiDAR's default), otherwise each
@@ -103,6 +123,7 @@ def build_tidar_layout(
     doc_BS = torch.zeros_like(input_ids_BS) if doc_ids_BS is None else doc_ids_BS.to(device=device, dtype=torch.long)
     if doc_BS.shape != (B, S):
         raise ValueError(f"doc_ids shape {tuple(doc_BS.shape)} does not match input_ids {(B, S)}")
+    check_contiguous_docs(doc_BS)
     pos_BS = positions_from_docs(doc_BS) if position_ids_BS is None else position_ids_BS.to(device).long()
     if draft_mask_BS is None:
         draft_mask_BS = torch.ones(B, S, dtype=torch.bool, device=device)
@@ -146,6 +167,7 @@ def build_tidar_layout(
 
 def causal_meta(doc_ids_BS: torch.Tensor, position_ids_BS: torch.Tensor) -> TokenMeta:
     """Records for a plain AR (clean-only) sequence: causal attention within each document."""
+    check_contiguous_docs(doc_ids_BS)
     return TokenMeta(
         doc=doc_ids_BS.long(),
         pos=position_ids_BS.long(),

@@ -21,6 +21,8 @@ from ar2diff.logging import RunLogger
 from ar2diff.trainer import standard_callbacks as std
 from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.fault_callbacks import NonFiniteStop, PreemptionStop
+from ar2diff.trainer.faults import Preempted
 from ar2diff.trainer.mfu import DensityWindow
 from ar2diff.trainer.sequence_parallel import loss_scale
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
@@ -75,10 +77,16 @@ class PhaseTrainer:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
         from ar2diff.checkpoint import load_checkpoint, save_run_assets
         from ar2diff.model.params import count_params
+        from ar2diff.checkpoint import find_latest_complete
+        from ar2diff.data.report import report_sources
         from ar2diff.trainer.engine import build_engine
+        from ar2diff.trainer.resume_config import check_resume_config
 
         cfg, ctx = self.cfg, init_distributed()
         cfg.validate(ctx.world_size)
+        # a resume must not silently change the schedule or the data (trainer.allow_config_change=true to allow)
+        check_resume_config(self.run_dir, asdict(cfg), resuming=find_latest_complete(self.run_dir / "checkpoints")
+                            is not None, allow_change=cfg.trainer.allow_config_change, write=ctx.rank == 0)
         seed_all(cfg.seed)
         tokenizer = resolve_tokenizer(cfg)
         objective = build_phase_model(cfg, tokenizer)
@@ -95,6 +103,8 @@ class PhaseTrainer:
                            export_dir=self.run_dir / "export")
         state.data = prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank,
                                   budget.data_parallel_size)
+        report_sources(state.data.train.data, state.data.heldout, budget.steps * cfg.budget.global_batch_size,
+                       logger.print, ctx.rank)
         engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
         state.engine = build_engine(objective, engine_cfg, cfg.schedule, budget.steps)
         state.extra["params"] = params
@@ -124,9 +134,10 @@ class PhaseTrainer:
         matmul_active = state.extra["params"].matmul_active
         # attention FLOPs over the (query, key) pairs the kernel computes for the mask actually used (trainer/mfu.py)
         density = DensityWindow(cfg.objective.kind, cfg.objective.block_size, cfg.model.attn_implementation)
-        callbacks = [std.Metrics(lambda attn_len: flops_per_token(state.lm.config, attn_len, matmul_active),
+        callbacks: list[Callback] = [std.Metrics(lambda attn_len: flops_per_token(state.lm.config, attn_len, matmul_active),
                                  layout_len, density), std.HeldoutEval(), std.Checkpointing(), std.Export(),
                      std.ReleaseEngine(), std.Summary(), std.ProgressBar()]
+        callbacks += [NonFiniteStop(cfg.trainer.max_nonfinite_skips), PreemptionStop()]
         return callbacks + ([std.DecoderCheck()] if self.decoder_check else [])
 
     def train_step(self, state: TrainState, callbacks: Callback) -> None:
@@ -161,5 +172,7 @@ class PhaseTrainer:
             callbacks.on_phase_end(state)
         finally:
             callbacks.on_close(state)
+        if "preempted_by" in state.extra:  # checkpoint written: the caller exits 0 and a requeue resumes
+            raise Preempted(state.step, state.extra["preempted_by"])
         export_dir = None if state.stopped_early else state.export_dir
         return PhaseResult(run_dir=self.run_dir, export_dir=export_dir, summary=state.logger.summary)

@@ -1,0 +1,131 @@
+"""Faults injected into real `python -m ar2diff.train` runs on CPU: preemption, a corrupted newest checkpoint, a NaN,
+a locked run folder, a changed config on resume, and a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import env, losses, run, train_cmd
+
+pytestmark = pytest.mark.slow
+BUDGET = ["budget.tokens=2560", "trainer.ckpt_every=4"]  # 10 steps, checkpoints at 4, 8 and 10
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("reference")
+    run(train_cmd(run_dir, cache, *BUDGET))
+    return losses(run_dir)
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "error:" in line]
+
+
+def test_sigterm_mid_phase_checkpoints_exits_0_and_the_rerun_matches(tmp_path, cache, reference):
+    proc = subprocess.Popen(train_cmd(tmp_path, cache, *BUDGET), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoints" / "step_00000004").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM at step" in err
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 4 <= stopped < 10 and (tmp_path / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    assert not (tmp_path / "export").exists()
+
+    run(train_cmd(tmp_path, cache, *BUDGET))  # the same command resumes
+    assert losses(tmp_path) == reference
+
+
+def test_corrupted_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(tmp_path, cache, reference):
+    run(train_cmd(tmp_path, cache, *BUDGET))
+    newest = tmp_path / "checkpoints" / "step_00000010"
+    optim = next(newest.glob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # in place, same size: only the sha256 can tell
+    optim.write_bytes(bytes(data))
+    (tmp_path / "summary.json").unlink()
+
+    proc = run(train_cmd(tmp_path, cache, *BUDGET))
+    assert f"checkpoint {newest} is corrupted: {optim}" in proc.stderr
+    assert "resumed from step 8" in proc.stdout
+    assert losses(tmp_path) == reference
+
+
+def test_injected_nan_stops_the_run_naming_the_step(tmp_path, cache):
+    proc = subprocess.run(train_cmd(tmp_path, cache, "budget.tokens=1280", "schedule.lr=1e6", "schedule.min_lr=0"),
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [line] = error_lines(proc)
+    assert "non-finite training step" in line and "data position epoch=" in line and "loss=nan" in line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def test_second_job_on_a_locked_run_folder_is_refused(tmp_path, cache):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom ar2diff.trainer.run_lock import RunLock\n"
+         "RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)\n", str(tmp_path)],
+        env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(train_cmd(tmp_path, cache, *BUDGET), env=env(), capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 1
+    [line] = error_lines(proc)
+    assert f"in use by pid {holder.pid}" in line
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_with_a_changed_budget_is_refused_listing_the_difference(tmp_path, cache):
+    run(train_cmd(tmp_path, cache, "budget.tokens=512", "trainer.ckpt_every=4"))
+    proc = subprocess.run(train_cmd(tmp_path, cache, "budget.tokens=1024", "trainer.ckpt_every=4"), env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    [line] = error_lines(proc)
+    assert "budget.tokens: 512 -> 1024" in line and "trainer.allow_config_change=true" in line
+    run(train_cmd(tmp_path, cache, "budget.tokens=1024", "trainer.ckpt_every=4", "trainer.allow_config_change=true"))
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so_in_one_line(small_disk, cache):
+    from ar2diff.checkpoint.resume import find_latest_complete
+
+    run_dir = small_disk / "run"  # each checkpoint of the tiny model is ~3.6 MB: the second one does not fit
+    proc = subprocess.run(train_cmd(run_dir, cache, "budget.tokens=2048", "trainer.ckpt_every=2"), env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [line] = error_lines(proc)
+    assert "disk full while saving" in line and "step_00000002 is intact" in line
+    assert "Traceback" not in proc.stderr
+    assert find_latest_complete(run_dir / "checkpoints", verify="hash").step == 2
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
