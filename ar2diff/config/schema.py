@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ar2diff.config.engine import EngineConfig, ScheduleConfig
+from ar2diff.config.router import RouterBalanceConfig
 from ar2diff.data.config import DataConfig
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")
@@ -112,6 +113,7 @@ class PhaseConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     decoder: DecoderEvalConfig = field(default_factory=DecoderEvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    router_balance: RouterBalanceConfig = field(default_factory=RouterBalanceConfig)
     pipeline: list[PipelinePhase] = field(default_factory=list)
     # Named inputs a pipeline recipe hands to its phases through interpolation, e.g. inputs.chat_data.
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -164,6 +166,7 @@ class PhaseConfig:
                 raise ValueError(f"decoder.prompt_len={d.prompt_len} must be shorter than data.seq_len="
                                  f"{self.data.seq_len} (prompts are cut from held-out rows)")
         self.data.validate()
+        self.router_balance.validate()
         self.deepspeed.validate(world_size)
         self.schedule.validate()
         return self

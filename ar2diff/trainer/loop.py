@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ar2diff.config.budget import Budget, plan_budget
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.logging import RunLogger
+from ar2diff.model.router_balance import RouterBalancer
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
 
@@ -96,10 +97,12 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
                 "recipe": cfg.name, "base_model": cfg.model.path or "scratch"}
     if ctx.rank == 0:
         save_run_assets(ckpt_root, model.config, tokenizer, run_meta)
+    balancer = RouterBalancer(model.lm, cfg.router_balance)  # after the engine: it keeps ZAYA's biases in fp32
     client = load_checkpoint(engine, ckpt_root)
     step, tokens_seen = 0, 0
     if client is not None:
         step, tokens_seen = int(client["step"]), int(client["tokens_seen"])
+        balancer.load_state_dict(client.get("router_balance"))
         data.train.load_state_dict(client["data"])
         logger.history = list(client.get("history", []))
         logger.print(f"[{cfg.name}] resumed from step {step} ({tokens_seen:,} tokens seen)")
@@ -112,7 +115,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
 
     def save(at_step: int) -> None:
         client_state = {"step": at_step, "tokens_seen": tokens_seen, "data": data.train.state_dict(),
-                        "history": logger.history}
+                        "history": logger.history, "router_balance": balancer.state_dict()}
         save_checkpoint(engine, ckpt_root, at_step, client_state, keep_last=cfg.trainer.keep_last)
 
     engine.train()
@@ -130,6 +133,7 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
                 window["sums"][k] = window["sums"].get(k, 0.0) + float(v)
             window["n"] += 1
         step += 1
+        balancer.after_step(step, logger, cfg.trainer.log_every, device)  # ZAYA router biases; router load metrics
         tokens_seen += budget.tokens_per_step
         window["tokens"] += budget.tokens_per_step
         if step % cfg.trainer.log_every == 0 or step == budget.steps:
