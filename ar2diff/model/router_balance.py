@@ -47,16 +47,18 @@ def biased_choice(router: nn.Module, router_logits: torch.Tensor) -> torch.Tenso
 
 
 class LoadRecorder:
-    """Per-router class counts of the training forwards since the last `take()` (hooks on the routers)."""
+    """Per-router class counts of the training forwards (every forward with training_only=False) since the last
+    `take()` (hooks on the routers)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, training_only: bool = True):
+        self.training_only = training_only
         self.routers = find_routers(model)
         self.counts: list[torch.Tensor | None] = [None] * len(self.routers)
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.routers)]
 
     def _hook(self, i: int):
         def record(module, args, output):
-            if not module.training:
+            if self.training_only and not module.training:
                 return
             choice = biased_choice(module, output[0]) if hasattr(module, "balancing_biases") else output[2]
             counts = torch.bincount(choice.reshape(-1), minlength=num_classes(module)).to(torch.float64)
@@ -211,3 +213,20 @@ def flatten(per_layer: dict[str, dict[str, float]]) -> dict[str, float]:
         out["min_load"] = min(m["min_load"] for m in layers)
         out["load_ratio"] = max(m["load_ratio"] for m in layers)
     return out
+
+
+@torch.no_grad()
+def measure_router_load(lm: nn.Module, input_ids_NS: torch.Tensor, micro_batch: int) -> dict[str, dict[str, float]]:
+    """{"layer<i>": load metrics} of `lm`'s routers on these rows (plain causal forwards, any mode); {} for a dense
+    model. The phase-end check's view of the load, next to the training-time one."""
+    recorder = LoadRecorder(lm, training_only=False)
+    try:
+        if not recorder.routers:
+            return {}
+        for i in range(0, len(input_ids_NS), max(1, micro_batch)):
+            lm(input_ids=input_ids_NS[i:i + micro_batch], use_cache=False)
+        counts = recorder.take(input_ids_NS.device).cpu()
+    finally:
+        recorder.remove()
+    return {f"layer{i}": load_metrics(counts[i], m.num_experts, hasattr(m, "balancing_biases"))
+            for i, (_, m) in enumerate(recorder.routers)}
