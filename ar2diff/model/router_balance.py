@@ -166,7 +166,7 @@ class RouterBalancer:
         for p, delta, router in zip(self.params, deltas, self.biased):
             if self.cfg.skip_share is None:
                 delta = delta - delta.mean()
-            router.balancing_biases[:p.numel()] += delta
+            router.balancing_biases[:p.numel()] += delta.to(router.balancing_biases)
 
     def after_step(self, step: int, logger=None, log_every: int = 1, device=None) -> None:
         """Count this step's routing over the group, update the biases, log the window's load every `log_every`."""
@@ -190,7 +190,8 @@ class RouterBalancer:
     # --- checkpoint ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"integral": [t.clone() for t in self.integral],
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "window": None if self.window is None else self.window.clone()}
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore the controller (None: a checkpoint written before balancing existed; start it fresh)."""
@@ -200,6 +201,7 @@ class RouterBalancer:
             raise ValueError(f"checkpoint's router_balance state has {len(state['integral'])} routers, the model "
                              f"{len(self.integral)}: the checkpoint belongs to another architecture")
         self.integral = [t.clone() for t in state["integral"]]
+        self.window = None if state.get("window") is None else state["window"].clone()
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
 
