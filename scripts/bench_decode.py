@@ -9,7 +9,11 @@ Prompts: the first --prompt-len tokens of the interpreter's standard-library fil
 corpus' held-out split (data.heldout_fraction 0.02), or --prompts-file (one JSON string per line); with --tiny,
 a random model and random prompt ids (acceptance is then near zero: it measures overhead, not a trained drafter).
 
+--cache-sweep 64,256,896 times instead the TiDAR step (lossless) with the cache and with the full-prefix recompute
+(use_cache=False) at each prompt length: with the cache the step time stays flat in the prompt length.
+
     python scripts/bench_decode.py --tiny                       # a random tiny_qwen3_moe, CPU
+    python scripts/bench_decode.py --tiny tiny_zaya --cache-sweep 64,256,896 --mix-weights ''
     python scripts/bench_decode.py outputs/quickstart/<ts>/export --out bench_decode.json
 """
 
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="exported checkpoint folder (config.json, safetensors, tokenizer)")
     p.add_argument("--tiny", nargs="?", const="tiny_qwen3_moe", default=None, metavar="CONF_MODEL",
                    help="benchmark a random model from conf/model/<name>.yaml instead (default "
-                        "tiny_qwen3_moe; tiny_zaya recomputes the prefix every TiDAR step)")
+                        "tiny_qwen3_moe; tiny_zaya is the quickstart's ZAYA)")
     p.add_argument("--prompts", type=int, default=4, help="number of prompts")
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     p.add_argument("--prompts-file", help="one JSON string per line instead of stdlib prompts")
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (cuda also on ROCm builds)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cache-sweep", default=None, metavar="LENS",
+                   help="comma-separated prompt lengths: time the TiDAR step with and without the cache instead")
     p.add_argument("--out", default="bench_decode.json", help="JSON results file")
     return p
 
@@ -125,6 +131,39 @@ def generate_all(lm, prompts, n: int) -> list[list[int]]:
     return out
 
 
+def cache_sweep(model, prompt_lens: list[int], args, device) -> dict:
+    """Milliseconds per TiDAR forward (lossless) with the cache and with the full-prefix recompute, per prompt
+    length; the prompts are the first `length` tokens of longer random (--tiny) or stdlib prompts."""
+    from ar2diff.decode.tidar import TidarConfig, decode_tidar
+
+    levels = "all" if args.levels == "all" else tuple(int(x) for x in args.levels.split(","))
+    rows = {}
+    for length in prompt_lens:
+        if args.tiny:
+            g = torch.Generator().manual_seed(length)
+            prompts = torch.randint(3, model.mask_token_id, (args.prompts, length), generator=g).tolist()
+        else:
+            from transformers import AutoTokenizer
+
+            prompts = stdlib_prompts(AutoTokenizer.from_pretrained(args.checkpoint), args.prompts, length)
+        row = {}
+        for name, use_cache in (("cache", True), ("recompute", False)):
+            cfg = TidarConfig(max_new_tokens=args.max_new_tokens, levels=levels, temperature=args.temperature,
+                              use_cache=use_cache)
+            results, seconds = timed(lambda: decode_tidar(model, prompts, cfg), args.repeats, device)
+            forwards = sum(r.forwards for r in results)
+            row[name] = {"ms_per_forward": 1000 * seconds / forwards, "forwards": forwards,
+                         "tokens_per_forward": sum(len(r.token_ids) for r in results) / forwards}
+        row["recompute_over_cache"] = row["recompute"]["ms_per_forward"] / row["cache"]["ms_per_forward"]
+        rows[length] = row
+    head = f"{'prompt':>7} {'cache ms/fwd':>13} {'recompute ms/fwd':>17} {'ratio':>6} {'tokens/fwd':>10}"
+    print(head + "\n" + "-" * len(head))
+    for length, r in rows.items():
+        print(f"{length:>7} {r['cache']['ms_per_forward']:>13.2f} {r['recompute']['ms_per_forward']:>17.2f} "
+              f"{r['recompute_over_cache']:>6.2f} {r['cache']['tokens_per_forward']:>10.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from ar2diff.config.schema import DecoderEvalConfig
     from ar2diff.decode.ar import summarize
@@ -137,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model, prompts, what = load(args)
     device = torch.device(args.device)
+    if args.cache_sweep:
+        lens = [int(x) for x in args.cache_sweep.split(",")]
+        print(f"{what}: TiDAR step time, {args.prompts} prompts, {args.max_new_tokens} new tokens, block "
+              f"{model.block_size}, levels {args.levels}, {args.device}/{args.dtype}")
+        rows = cache_sweep(model, lens, args, device)
+        Path(args.out).write_text(json.dumps({"model": what, "settings": vars(args), "threads":
+                                              torch.get_num_threads(), "cache_sweep": rows}, indent=2))
+        print(f"wrote {args.out}")
+        return 0
     weights = [float(w) for w in args.mix_weights.split(",") if w.strip()]
     levels = None if args.levels == "all" else [int(x) for x in args.levels.split(",")]
     dcfg = DecoderEvalConfig(num_prompts=args.prompts, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,

@@ -31,3 +31,14 @@ def test_bench_decode_greedy_samplers_agree_with_ar_and_generate(tmp_path):
     assert {"ar", "lossless", "hf_generate"} <= set(rows)
     assert rows["lossless"]["agreement_with_ar"] == 1.0 and rows["hf_generate"]["agreement_with_ar"] == 1.0
     assert rows["ar"]["speedup_vs_ar"] == 1.0
+
+
+def test_bench_decode_cache_sweep_times_both_paths_per_prompt_length(tmp_path):
+    out = tmp_path / "sweep.json"
+    run("bench_decode.py", "--tiny", "tiny_zaya", "--cache-sweep", "8,24", "--prompts", "1", "--max-new-tokens",
+        "4", "--levels", "1,2", "--repeats", "1", "--threads", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["cache_sweep"]
+    assert list(rows) == ["8", "24"]
+    for row in rows.values():
+        assert row["cache"]["forwards"] == row["recompute"]["forwards"] > 0  # the same decode, two paths
+        assert row["recompute_over_cache"] == row["recompute"]["ms_per_forward"] / row["cache"]["ms_per_forward"]

@@ -18,7 +18,6 @@ from tiny import MASK_ID, TINY_CONFIGS, hf_mask_arg, one_thread, progressions, r
 pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
 
 ARCHS = sorted(TINY_CONFIGS)
-CACHED_ARCHS = [a for a in ARCHS if a != "zaya"]
 TRAIN_BLOCK = 4
 
 
@@ -171,7 +170,7 @@ def test_each_draft_is_the_drafter_guess_for_its_own_position(levels, monkeypatc
     assert checked >= 3 and sum(result.accepted) > 0
 
 
-@pytest.mark.parametrize("arch", CACHED_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cache_gives_the_logits_of_a_full_recompute(arch):
     model = trained(arch)
     for levels in ("all", (2,)):
@@ -187,10 +186,45 @@ def test_cache_gives_the_logits_of_a_full_recompute(arch):
         assert sum(sum(r.accepted) for r in cached) > 0
 
 
-def test_zaya_refuses_the_kv_cache():
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=2),
+                                      dict(temperature=1.0, sampler="mixing", mix_weight=0.5, seed=1)],
+                         ids=["greedy", "sampled", "mixing"])
+def test_zaya_stream_cache_equals_recompute_at_every_step(sampling):
+    """ZAYA's cache (attention KV + CCA conv window + delayed value, committed after verification) gives the
+    recompute path's tokens and, at every step, its logits to 1e-5: greedy and sampled (with rejections), every
+    level and sparse levels, prompts shorter than, equal to and longer than the conv look-back."""
     model = trained("zaya")
-    with pytest.raises(ValueError, match="cannot use a KV cache"):
-        decode_tidar(model, make_prompts(), TidarConfig(max_new_tokens=4, use_cache=True))
+    lookback = model.lm.model.layers[0].self_attn.qkv_proj.conv_kernel_size
+    g = torch.Generator().manual_seed(11)
+    prompts = [[7], [5, 9][:lookback], progressions(g, 1, 9)[0].tolist(), torch.randint(3, MASK_ID, (13,),
+                                                                                         generator=g).tolist()]
+    assert min(map(len, prompts)) < lookback < max(map(len, prompts))
+    rejected = 0
+    for levels in ("all", (0, 2)):
+        cfg = dict(max_new_tokens=20, levels=levels, **sampling)
+        cached = decode_tidar(model, prompts, TidarConfig(**cfg), keep_logits=True)
+        full = decode_tidar(model, prompts, TidarConfig(**cfg, use_cache=False), keep_logits=True)
+        for a, b in zip(cached, full):
+            assert (a.token_ids, a.accepted, a.drafts, a.templates) == (b.token_ids, b.accepted, b.drafts,
+                                                                        b.templates)
+            for step, (la, lb) in enumerate(zip(a.step_logits, b.step_logits)):
+                torch.testing.assert_close(la, lb, rtol=0, atol=1e-5, msg=f"step {step}")
+            rejected += sum(k - acc for k, acc in zip(a.drafts, a.accepted))
+        assert sum(sum(r.accepted) for r in cached) > 0
+    assert rejected > 0  # drafts were rejected: their state must have left no trace
+
+
+def test_zaya_cached_step_feeds_only_the_new_tokens():
+    """After the first step the cached forward sees t_last, the drafts and the templates only."""
+    model = trained("zaya")
+    fed = []
+    handle = model.lm.model.embed_tokens.register_forward_hook(lambda m, a, out: fed.append(a[0].shape[1]))
+    try:
+        (r,) = decode_tidar(model, [list(range(3, 40))], TidarConfig(max_new_tokens=12))
+    finally:
+        handle.remove()
+    assert fed[0] >= 37
+    assert all(n == 1 + k + t * TRAIN_BLOCK for n, k, t in zip(fed[1:], r.drafts[1:], r.templates[1:]))
 
 
 def test_sampled_decoding_is_seeded_and_mixing_zero_is_lossless():

@@ -106,7 +106,13 @@ def test_heldout_losses_equal_a_direct_tidar_forward(arch):
 @pytest.mark.parametrize("arch", ["llama", "zaya"])
 def test_decoding_metrics(arch):
     result = evaluated(arch)
-    assert set(result) == {"settings", "heldout", "prompts", "samplers", "quality"}
+    assert set(result) == {"settings", "heldout", "prompts", "samplers", "quality", "router_load"}
+    if arch == "zaya":  # the load of the routers' biased choices on the held-out rows, per layer
+        assert set(result["router_load"]) == {"layer0", "layer1"}
+        assert {"max_load", "min_load", "load_ratio", "load_entropy", "skip_share"} <= set(
+            result["router_load"]["layer0"])
+    else:
+        assert result["router_load"] == {}
     assert result["prompts"]["picks"] == [[0, 0], [1, 4], [2, 0]]
     s = result["samplers"]
     assert list(s) == ["ar", "lossless", "mixing_0.5"]
@@ -174,6 +180,17 @@ def test_write_eval_writes_json_pngs_and_logs(tmp_path):
         ("eval/acceptance/mixing_0.5", "acceptance_mixing_0.5.png", 7)]
     assert logger.summary["eval"]["tokens_per_forward"] == {
         k: v["tokens_per_forward"] for k, v in result["samplers"].items()}
+
+
+def test_write_eval_plots_the_router_load_of_a_moe(tmp_path):
+    result = evaluated("zaya")
+    logger = RecordingLogger()
+    write_eval(result, [tmp_path], logger, step=3)
+    assert (tmp_path / "router_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("eval/router_load", tmp_path / "router_load.png", 3) in logger.images
+    (_, _, metrics), = logger.logged
+    assert metrics["router/layer1/max_load"] == result["router_load"]["layer1"]["max_load"]
+    assert metrics["router/max_load"] == max(m["max_load"] for m in result["router_load"].values())
 
 
 def word_tokenizer():

@@ -49,9 +49,18 @@ def run(cmd, timeout=300):
     return proc
 
 
+def router_biases(run_dir) -> dict[str, torch.Tensor]:
+    """ZAYA's exported router balancing biases (fp32 whatever the export dtype)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(run_dir) / "export" / "model.safetensors"))
+    return {k: v for k, v in weights.items() if k.endswith("balancing_biases")}
+
+
 def losses(run_dir):
     history = json.loads((Path(run_dir) / "summary.json").read_text())["history"]
-    return [(h["step"], h["train/loss"], h["train/loss_ar"], h["train/loss_diff"]) for h in history]
+    return [(h["step"], h["train/loss"], h["train/loss_ar"], h["train/loss_diff"]) for h in history
+            if "train/loss" in h]
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
@@ -73,6 +82,18 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
 
     run(train_cmd(killed, cache, *budget))  # the same command resumes from the newest complete checkpoint
     assert losses(killed) == reference  # bit-exact: data position, draft masks, optimizer, RNG
+    ref_biases, resumed_biases = router_biases(tmp_path / "ref"), router_biases(killed)
+    assert ref_biases.keys() == resumed_biases.keys() and ref_biases  # ZAYA: router bias balancing resumes bit-exact
+    for k, v in ref_biases.items():
+        assert v.dtype == torch.float32 and torch.equal(resumed_biases[k], v), k
+        assert v[-1] == -1.0 and not torch.equal(v[:-1], torch.zeros_like(v[:-1]))  # experts moved, skip kept
+    summary = json.loads((killed / "summary.json").read_text())
+    assert set(summary["router_load"]) == {"layer0", "layer1"}  # load of the biased top-1 choices, per layer
+    assert {"max_load", "min_load", "load_ratio", "load_entropy", "skip_share"} <= set(summary["router_load"]["layer1"])
+    router_rows = [h for h in json.loads((tmp_path / "ref" / "summary.json").read_text())["history"]
+                   if "train/loss" not in h]
+    assert [h["step"] for h in router_rows] == list(range(1, 21))  # a router row per logged step
+    assert [h for h in summary["history"] if "train/loss" not in h] == router_rows  # resumed: the same numbers
     export = json.loads((killed / "export" / "ar2diff.json").read_text())
     assert export["step"] == 20 and export["tokens_seen"] == 5120 and export["phase"] == "tidar_midtrain"
 
@@ -99,6 +120,10 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, se
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "export")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=name)
+    one_b, two_b = router_biases(tmp_path / "one"), router_biases(tmp_path / "two")
+    assert one_b.keys() == two_b.keys()  # ZAYA: counts summed over ranks give the same bias updates (ZeRO-3 too)
+    for k, v in one_b.items():
+        torch.testing.assert_close(two_b[k], v, rtol=0, atol=1e-6, msg=k)
 
 
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path, cache):
@@ -109,6 +134,6 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path, cache):
     for job, alpha in (("objective.alpha=0.5", 0.5), ("objective.alpha=2.0", 2.0)):
         assert OmegaConf.load(run_dir / job / "config.yaml").objective.alpha == alpha
         summary = json.loads((run_dir / job / "summary.json").read_text())
-        (row,) = [h for h in summary["history"] if h["step"] == 2]
+        (row,) = [h for h in summary["history"] if h["step"] == 2 and "train/loss" in h]
         expected = (alpha * row["train/loss_ar"] + row["train/loss_diff"]) / (1 + alpha)
         assert row["train/loss"] == pytest.approx(expected, rel=1e-5)

@@ -100,7 +100,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         model = AutoModelForCausalLM.from_config(assets.config)
     state_dict = consolidated_state_dict(ref, model)
     target = _resolve_dtype(dtype, assets.config)
-    state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
+    # ZAYA's router balancing biases stay fp32: their updates (~1e-3) vanish in a bf16 cast
+    state_dict = {k: v.to(target) if v.is_floating_point() and not k.endswith("balancing_biases") else v
+                  for k, v in state_dict.items()}
     if assets.generation_config is not None:
         model.generation_config = assets.generation_config
     meta.pop("ar2diff_version", None)

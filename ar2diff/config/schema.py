@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ar2diff.config.engine import EngineConfig
+from ar2diff.config.router import RouterBalanceConfig
 from ar2diff.config.schedule import ScheduleConfig
 from ar2diff.config.sequence_parallel import check_sequence_parallel
 from ar2diff.data.config import DataConfig
@@ -118,6 +119,7 @@ class PhaseConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     decoder: DecoderEvalConfig = field(default_factory=DecoderEvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    router_balance: RouterBalanceConfig = field(default_factory=RouterBalanceConfig)
     pipeline: list[PipelinePhase] = field(default_factory=list)
     # Named inputs a pipeline recipe hands to its phases through interpolation, e.g. inputs.chat_data.
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -172,6 +174,7 @@ class PhaseConfig:
                 raise ValueError(f"decoder.prompt_len={d.prompt_len} must be shorter than data.seq_len="
                                  f"{self.data.seq_len} (prompts are cut from held-out rows)")
         self.data.validate()
+        self.router_balance.validate()
         self.deepspeed.validate(world_size)
         check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.data.seq_len, o.kind,
                                 m.attn_implementation, m.config, self.deepspeed.expert_parallel_size)

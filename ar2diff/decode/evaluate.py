@@ -39,6 +39,7 @@ from ar2diff.decode.projection import ACCELERATORS, ModelShape, project_speedup
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.atomic import write_json_atomic
 from ar2diff.model.params import NUM_EXPERTS_KEYS, total_and_expert_params
+from ar2diff.model.router_balance import flatten, measure_router_load
 from ar2diff.model.tidar import TidarLM
 from ar2diff.objective import TidarObjective
 
@@ -246,6 +247,7 @@ def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch
                     "rows_scanned": len(heldout_rows["input_ids"]), "picks": [list(p) for p in picks]},
         "samplers": samplers,
         "quality": quality,
+        "router_load": measure_router_load(tidar_lm.lm, loss_rows["input_ids"], micro_batch),  # {} if dense
     }
 
 
@@ -261,6 +263,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
             out[f"{name}/projected_speedup/{accel.replace(' ', '_')}"] = p["speedup"]
     for name, v in result["quality"]["nll_per_token"].items():
         out[f"{name}/nll_t1"] = v
+    out.update({f"router/{k}": v for k, v in flatten(result.get("router_load", {})).items()})
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
@@ -279,7 +282,7 @@ def summary_subset(result: dict) -> dict:
 def write_eval(result: dict, folders, logger=None, step: int = 0) -> list[Path]:
     """Write eval.json (atomic) and acceptance_<sampler>.png per TiDAR sampler into every folder; with a logger,
     log the scalars (prefix "eval"), the images of the first folder and the summary subset. Returns the json paths."""
-    from ar2diff.decode.plots import save_acceptance_histogram
+    from ar2diff.decode.plots import save_acceptance_histogram, save_router_load
 
     try:
         import matplotlib  # noqa: F401  (optional: pip install ar2diff[plot])
@@ -297,10 +300,13 @@ def write_eval(result: dict, folders, logger=None, step: int = 0) -> list[Path]:
                 png = save_acceptance_histogram(s["acceptance_histogram"], folder / f"acceptance_{name}.png",
                                                 title=f"{name}: {s['tokens_per_forward']:.2f} tokens/forward")
                 images.setdefault(name, png)
+        if plots and result.get("router_load"):
+            images.setdefault("router_load", save_router_load(result["router_load"], folder / "router_load.png",
+                                                              title="expert load of the routers' choices (held-out)"))
     if logger is not None:
         logger.log(step, flat_metrics(result), prefix="eval")
         for name, png in images.items():
-            logger.log_image(f"eval/acceptance/{name}", png, step)
+            logger.log_image("eval/router_load" if name == "router_load" else f"eval/acceptance/{name}", png, step)
         logger.update_summary({"eval": summary_subset(result)})
     return paths
 

@@ -95,3 +95,35 @@ def plot_acceptance(runs, axes=None):
         ax.set_ylabel("share of forwards")
         ax.legend(fontsize=8)
     return axes
+
+
+def save_router_load(per_layer: dict[str, dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """Per layer, the most and least loaded expert (multiples of the uniform share; 0.5x-2x shaded) and the skip
+    share (ZAYA), as PNG at `path` (temporary name, then renamed). Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = list(per_layer)
+    x = range(len(layers))
+    fig = Figure(figsize=(max(5, 0.35 * len(layers) + 2), 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.axhspan(0.5, 2.0, color="tab:green", alpha=0.1, label="0.5x-2x uniform")
+    ax.plot(x, [per_layer[k].get("max_load", 0.0) for k in layers], "v-", color="tab:red", label="max expert load")
+    ax.plot(x, [per_layer[k].get("min_load", 0.0) for k in layers], "^-", color="tab:blue", label="min expert load")
+    if any("skip_share" in m for m in per_layer.values()):
+        ax.bar(x, [per_layer[k].get("skip_share", 0.0) for k in layers], color="tab:gray", alpha=0.5,
+               label="skip share")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([k.replace("layer", "") for k in layers], fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("load / uniform")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path

@@ -23,11 +23,13 @@ levels "all" is TiDAR's decoder (a template per outcome 0..k); a list like (4, 7
 vLLM path (about 3 templates per forward). A step where no listed level can happen (the first step, or drafts cut
 short near max_new_tokens) drafts level 0.
 
-Cache: every architecture whose layers mix positions only in attention keeps the committed prefix in a
-transformers DynamicCache (cropped after each step). ZAYA's CCA mixes neighbouring positions in a q/k
-convolution and a delayed value, whose cached states the TiDAR stream adapter cannot follow, so ZAYA recomputes
-the whole committed prefix every step with the stream index (the exact route; each template's first mask sees
-the clean token before it). That costs O(length) per step and is what `use_cache=None` picks for ZAYA.
+Cache: the committed prefix lives in a transformers DynamicCache (the one the AR decoder uses), cropped after
+each step, for every architecture (`use_cache=None`). ZAYA's CCA also mixes neighbouring positions in a q/k
+convolution and a delayed value: its cache layers hold the conv window and delayed value of the newest cached
+token; the step's forward takes the stream index relative to the fed tokens (drafts and templates follow their
+own stream predecessors, t_last the cached state), and after verification `commit_stream_state` keeps the state
+of the last committed token only (`ar2diff.model.zaya`). use_cache=False recomputes the whole committed prefix
+every step (the reference the cache is tested against, O(length) per step).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ar2diff.decode.step_layout import (StepLayout, build_step_layout, level_for
                                         slice_meta, step_levels)
 from ar2diff.model.loading import max_positions
 from ar2diff.model.tidar import TidarLM
+from ar2diff.model.zaya import commit_stream_state, crop_attention
 
 SAMPLERS = ("lossless", "mixing")
 
@@ -91,11 +94,12 @@ def step_forward(model: TidarLM, layout: StepLayout, cache, cached: int):
     """Logits of layout rows layout.first.. (t_last, drafts, templates) and the cache.
 
     With a cache holding the first `cached` layout tokens, only the rest is fed (queries), the keys are described
-    by the full records. Without one (cache None, cached 0) the whole layout is fed with its stream index.
+    by the full records, and the stream index is relative to the fed tokens (-1: the newest cached token). Without
+    one (cache None, cached 0) the whole layout is fed.
     """
     logits_BTV, _, cache = model.step(
         layout.input_ids_1L[:, cached:], layout.position_ids_1L[:, cached:], slice_meta(layout.meta, cached),
-        k_meta=layout.meta, prev_BT=None if cache is not None else layout.prev_1L, past_key_values=cache)
+        k_meta=layout.meta, prev_BT=layout.prev_1L[:, cached:] - cached, past_key_values=cache)
     return logits_BTV[0, layout.first - cached:], cache
 
 
@@ -118,10 +122,18 @@ def verify(cfg: TidarConfig, ar_logits_KV: torch.Tensor, draft_logits_KV: torch.
 
 
 def resolve_cache(model: TidarLM, use_cache: bool | None) -> bool:
-    if use_cache and model.has_adapter:
-        raise ValueError(f"{model.config.model_type}: the TiDAR decoder cannot use a KV cache for this architecture "
-                         "(its stream adapter mixes positions outside attention); use_cache must be None or False")
-    return not model.has_adapter if use_cache is None else use_cache
+    """None = the cache (every architecture has an exact one, ZAYA's stream state included)."""
+    return True if use_cache is None else use_cache
+
+
+def commit_cache(model: TidarLM, cache, cached_before: int, cached: int) -> None:
+    """Keep exactly the committed prefix (`cached` tokens) in the cache after a step that fed from `cached_before`:
+    attention KV cropped; for ZAYA also the conv window and delayed value of its last token."""
+    if model.has_adapter:
+        commit_stream_state(model.lm, cache, row=cached - 1 - cached_before)
+        crop_attention(cache, cached)
+    else:
+        crop_cache(cache, cached)
 
 
 def _decode_one(model: TidarLM, prompt: list[int], cfg: TidarConfig, block_size: int, levels, use_cache: bool,
@@ -157,8 +169,8 @@ def _decode_one(model: TidarLM, prompt: list[int], cfg: TidarConfig, block_size:
             out.stop, out.wall_time_s = stop, time.perf_counter() - start_time
             return out
         if cache is not None:
-            cached = len(seq) - 1  # x_0..t_last of the next step; t is fed next step
-            crop_cache(cache, cached)
+            cached_before, cached = cached, len(seq) - 1  # x_0..t_last of the next step; t is fed next step
+            commit_cache(model, cache, cached_before, cached)
         level = level_for(a, drafted)
         if level is None:
             drafts, draft_logits, draft_q = [], draft_logits[:0], draft_q[:0]

@@ -57,6 +57,8 @@ class TrainState:
     should_stop: bool = False
     stopped_early: bool = False
     export_dir: Path | None = None
+    # objects whose state_dict() goes into every checkpoint's client state under their key (e.g. a controller)
+    checkpointed: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what one callback leaves for another (e.g. the eval result)
 
     @property

@@ -23,6 +23,7 @@ from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.fault_callbacks import NonFiniteStop, PreemptionStop
 from ar2diff.trainer.faults import Preempted
+from ar2diff.trainer.router_callback import RouterBalancing
 from ar2diff.trainer.mfu import DensityWindow
 from ar2diff.trainer.sequence_parallel import loss_scale
 from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
@@ -118,6 +119,7 @@ class PhaseTrainer:
         if ctx.rank == 0:
             save_run_assets(state.ckpt_root, model.config, tokenizer, run_meta)
         client = load_checkpoint(state.engine, state.ckpt_root)
+        state.extra["client"] = client  # callbacks restore their own state from it (on_phase_start)
         if client is not None:
             state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
             state.data.train.load_state_dict(client["data"])
@@ -137,7 +139,7 @@ class PhaseTrainer:
         callbacks: list[Callback] = [std.Metrics(lambda attn_len: flops_per_token(state.lm.config, attn_len, matmul_active),
                                  layout_len, density), std.HeldoutEval(), std.Checkpointing(), std.Export(),
                      std.ReleaseEngine(), std.Summary(), std.ProgressBar()]
-        callbacks += [NonFiniteStop(cfg.trainer.max_nonfinite_skips), PreemptionStop()]
+        callbacks += [NonFiniteStop(cfg.trainer.max_nonfinite_skips), PreemptionStop(), RouterBalancing()]
         return callbacks + ([std.DecoderCheck()] if self.decoder_check else [])
 
     def train_step(self, state: TrainState, callbacks: Callback) -> None:

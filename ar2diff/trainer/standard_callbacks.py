@@ -104,7 +104,8 @@ class Checkpointing(Callback):
         from ar2diff.checkpoint import save_checkpoint
 
         client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": state.data.train.state_dict(),
-                        "history": state.logger.history}
+                        "history": state.logger.history,
+                        **{key: obj.state_dict() for key, obj in state.checkpointed.items()}}
         save_checkpoint(state.engine, state.ckpt_root, state.step, client_state, keep_last=state.cfg.trainer.keep_last)
         state.extra["last_saved_step"] = state.step
 
