@@ -15,6 +15,7 @@ from ar2diff.data.config import DataConfig
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")
 OBJECTIVES = ("tidar", "ar")
+DIFF_TARGETS = ("data", "ar", "mix")  # objective.diff_target (ar2diff.objective.DiffTarget)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class ObjectiveConfig:
     mask_ratio: float = 1.0  # 1.0 = full mask (TiDAR default); < 1 = random-mask ablation
     aux_coef: float | None = None  # router balancing loss weight; None = the model config's own
     loss_chunk_tokens: int | None = None  # head + loss per chunk of this many tokens (None: all logits at once)
+    diff_target: str = "data"  # data | ar | mix: the diffusion stream's target (ar2diff.objective.DiffTarget)
+    diff_target_weight: float = 0.5  # mix: weight of the detached AR distribution (data gets 1 - weight)
+    diff_target_temperature: float = 1.0  # temperature of the AR soft target
 
 
 @dataclass
@@ -146,6 +150,11 @@ class PhaseConfig:
                 raise ValueError(f"objective.alpha={o.alpha} must be >= 0")
             if o.loss_chunk_tokens is not None and o.loss_chunk_tokens < 1:
                 raise ValueError(f"objective.loss_chunk_tokens={o.loss_chunk_tokens} must be >= 1 or null")
+            if o.diff_target not in DIFF_TARGETS:
+                raise ValueError(f"objective.diff_target={o.diff_target!r} must be one of {DIFF_TARGETS}")
+            if not 0.0 <= o.diff_target_weight <= 1.0 or not o.diff_target_temperature > 0:
+                raise ValueError(f"objective.diff_target_weight={o.diff_target_weight} must lie in [0, 1] and "
+                                 f"objective.diff_target_temperature={o.diff_target_temperature} must be > 0")
         if self.phase == "diffusion_sft" and not self.data.chat:
             raise ValueError("phase=diffusion_sft needs chat data with response-only loss: set data.chat=true")
         t = self.trainer

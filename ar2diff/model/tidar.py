@@ -22,7 +22,7 @@ from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, ca
                                   sample_draft_mask)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter
-from ar2diff.objective import LossTerms, ar_loss, tidar_loss, tidar_loss_from_hidden
+from ar2diff.objective import DiffTarget, LossTerms, ar_loss, tidar_loss, tidar_loss_from_hidden
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TidarLM(nn.Module):
 
     def __init__(self, lm: nn.Module, mask_token_id: int | None, block_size: int, alpha: float = 1.0,
                  mask_ratio: float = 1.0, aux_coef: float | None = None, objective: str = "tidar",
-                 loss_chunk_size: int | None = None):
+                 loss_chunk_size: int | None = None, diff_target: DiffTarget = DiffTarget()):
         super().__init__()
         model_type = lm.config.model_type
         check_model_type(model_type)
@@ -60,6 +60,7 @@ class TidarLM(nn.Module):
         self.block_size = block_size
         self.alpha = alpha
         self.mask_ratio = mask_ratio
+        self.diff_target = diff_target  # what the diffusion stream is trained toward (objective.diff_target)
         self.has_adapter = SUPPORTED_MODEL_TYPES[model_type]
         if model_type == "zaya":
             install_zaya_adapter(lm)
@@ -169,11 +170,11 @@ class TidarLM(nn.Module):
         if self.loss_chunk_size and not return_logits:
             terms = tidar_loss_from_hidden(hidden_BLH[:, :S], hidden_BLH[:, S:], head, *targets,
                                            chunk_size=self.loss_chunk_size, alpha=self.alpha, aux_loss=aux,
-                                           aux_coef=self.aux_coef)
+                                           aux_coef=self.aux_coef, diff_target=self.diff_target)
             return TidarOutput(loss=terms.loss, terms=terms, layout=layout)
         logits_BLV = head(hidden_BLH)
         terms = tidar_loss(logits_BLV[:, :S], logits_BLV[:, S:], *targets, alpha=self.alpha, aux_loss=aux,
-                           aux_coef=self.aux_coef)
+                           aux_coef=self.aux_coef, diff_target=self.diff_target)
         out = TidarOutput(loss=terms.loss, terms=terms, layout=layout)
         if return_logits:
             out.ar_logits, out.diff_logits = logits_BLV[:, :S], logits_BLV[:, S:]

@@ -9,6 +9,7 @@ import torch
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
 from ar2diff.model.loading import make_config
+from ar2diff.objective import DiffTarget
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -69,4 +70,5 @@ def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarLM:
         return TidarLM(lm, mask_token_id=None, block_size=o.block_size, objective="ar", aux_coef=o.aux_coef)
     mask_id = add_mask_token(lm, tokenizer, o.block_size)
     return TidarLM(lm, mask_id, o.block_size, alpha=o.alpha, mask_ratio=o.mask_ratio, aux_coef=o.aux_coef,
-                   loss_chunk_size=o.loss_chunk_tokens)
+                   loss_chunk_size=o.loss_chunk_tokens,
+                   diff_target=DiffTarget(o.diff_target, o.diff_target_weight, o.diff_target_temperature))
