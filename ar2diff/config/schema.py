@@ -71,9 +71,9 @@ class DecoderEvalConfig:
     """The phase-end decoder check (DESIGN.md "Reference decoder")."""
 
     enabled: bool = True
-    num_prompts: int = 8
+    num_prompts: int = 32  # the TPF interval is a bootstrap over prompts (ar2diff.decode.metrics)
     prompt_len: int = 32
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
     block_size: int | None = None  # None: the objective's block size
     levels: list[int] | None = None  # None: a template for every acceptance length
     mix_weights: list[float] = field(default_factory=lambda: [0.25, 0.5])
