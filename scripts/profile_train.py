@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     report = []
     for spec in args.model:
-        model, model_type = load_tidar(spec, args.block_size, args.device, torch.float32)
+        model, model_type = load_tidar(spec, args.block_size, args.device, torch.float32, args.seq_len)
         ids = torch.randint(0, model.mask_token_id, (args.batch, args.seq_len),
                             generator=torch.Generator().manual_seed(0)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
