@@ -105,7 +105,16 @@ def test_heldout_losses_equal_a_direct_tidar_forward(arch):
 @pytest.mark.parametrize("arch", ["llama", "zaya"])
 def test_decoding_metrics(arch):
     result = evaluated(arch)
-    assert set(result) == {"settings", "heldout", "prompts", "samplers", "quality", "statistics", "agreement_curve"}
+    assert set(result) == {"settings", "heldout", "prompts", "samplers", "quality", "statistics", "agreement_curve",
+                           "levels_auto"}
+    assert set(result["levels_auto"]) == {"lossless", "mixing_0.5"}
+    for r in result["levels_auto"]["lossless"].values():  # mi300x, mi355x, h100
+        assert r["chosen"]["speedup"] >= max(r["all"]["speedup"], r["zyphra"]["speedup"]) - 1e-12
+    greedy = result["statistics"]["temperature_0"]["samplers"]
+    for name, s in result["samplers"].items():
+        assert greedy[name]["tpf"]["tokens_per_forward"] == pytest.approx(s["tokens_per_forward"])
+        assert greedy[name]["tpf"]["low"] <= s["tokens_per_forward"] <= greedy[name]["tpf"]["high"]
+    assert result["agreement_curve"]["block_size"] == BLOCK and sum(result["agreement_curve"]["positions"]) > 0
     assert result["prompts"]["picks"] == [[0, 0], [1, 4], [2, 0]]
     s = result["samplers"]
     assert list(s) == ["ar", "lossless", "mixing_0.5"]
