@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def conf_model(name: str, vocab: int = TINY_VOCAB):
-    """A random-init causal LM from conf/model/<name>.yaml, with `vocab` ids; returns (lm, mask id)."""
+def conf_model(name: str, vocab: int = TINY_VOCAB, min_positions: int = 0):
+    """A random-init causal LM from conf/model/<name>.yaml, with `vocab` ids and a context of at least
+    `min_positions` tokens; returns (lm, mask id)."""
     from omegaconf import OmegaConf
 
     from ar2diff.model import build_model
@@ -55,10 +56,12 @@ def conf_model(name: str, vocab: int = TINY_VOCAB):
     conf = OmegaConf.to_container(OmegaConf.load(path))
     if conf.get("config") is None:
         raise SystemExit(f"--model {name}: {path} builds from model.path, not a config; pass the folder instead")
-    return build_model({**conf["config"], "vocab_size": vocab}, seed=0), vocab - 1
+    config = {**conf["config"], "vocab_size": vocab}
+    config["max_position_embeddings"] = max(config.get("max_position_embeddings") or 0, min_positions)
+    return build_model(config, seed=0), vocab - 1
 
 
-def load_tidar(spec: str, block_size: int, device: str, dtype: torch.dtype):
+def load_tidar(spec: str, block_size: int, device: str, dtype: torch.dtype, seq_len: int = 0):
     """(TidarLM, description) for a conf model name or an exported folder (its mask id and block size)."""
     from ar2diff.checkpoint.reader import load_export
     from ar2diff.model import TidarLM
@@ -70,7 +73,7 @@ def load_tidar(spec: str, block_size: int, device: str, dtype: torch.dtype):
             raise SystemExit(f"--model {spec}: config.json has no mask_token_id (not a TiDAR export)")
         block_size = export.block_size or block_size
     else:
-        lm, mask_id = conf_model(spec)
+        lm, mask_id = conf_model(spec, min_positions=seq_len)
         lm = lm.to(dtype)
     return TidarLM(lm.to(device), mask_id, block_size).train(), lm.config.model_type
 
@@ -90,7 +93,7 @@ def bench_model(spec: str, args) -> dict:
     device = torch.device(args.device)
     from ar2diff.objective import TidarObjective
 
-    model, model_type = load_tidar(spec, args.block_size, args.device, getattr(torch, args.dtype))
+    model, model_type = load_tidar(spec, args.block_size, args.device, getattr(torch, args.dtype), args.seq_len)
     vocab = model.lm.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.mask_token_id, (args.batch, args.seq_len), generator=g).to(device)

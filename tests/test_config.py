@@ -46,6 +46,9 @@ def test_readme_overrides_compose():
     assert (cfg.objective.alpha, cfg.objective.block_size, cfg.objective.mask_ratio) == (2.0, 8, 0.5)
     assert cfg.deepspeed.zero_stage == 3 and cfg.schedule.name == "wsd"
     cfg.validate(world_size=64)
+    aligned = compose(["recipe=tidar_midtrain", *CLUSTER, "objective.diff_target=mix", "objective.diff_target_weight=0.3",
+                       "objective.diff_target_temperature=2.0"]).validate(world_size=64).objective
+    assert (aligned.diff_target, aligned.diff_target_weight, aligned.diff_target_temperature) == ("mix", 0.3, 2.0)
 
 
 def test_real_recipe_budgets():
@@ -70,6 +73,8 @@ def test_real_recipe_budgets():
     (["data.sources.0.kind=web"], "data.sources[0].kind"),
     (["model.path=/x"], "set exactly one of model.path"),
     (["decoder.mix_weights=[1.5]"], "decoder.mix_weights"),
+    (["objective.diff_target=teacher"], "objective.diff_target='teacher'"),
+    (["objective.diff_target=mix", "objective.diff_target_weight=2"], "objective.diff_target_weight=2"),
 ])
 def test_validation_names_the_key(overrides, message):
     cfg = compose(overrides)

@@ -174,3 +174,34 @@ def test_chat_template_wraps_each_prompt_as_a_user_turn(tmp_path, capsys):
     assert main([*args, "--prompt", "w5 w6"]) == 0
     bare = json.loads(capsys.readouterr().out)["results"][0]
     assert chat["token_ids"] == plain["token_ids"] and chat["token_ids"] != bare["token_ids"]
+
+
+def test_levels_auto_from_eval_json_and_from_a_calibration_decode(checkpoint, tmp_path, capsys):
+    """--levels auto: the levels chosen from eval.json's histogram are the ones decoded with, equal to the library
+    choice; without eval.json a calibration decode (cpu: timed forwards) supplies the histogram."""
+    from ar2diff.decode.levels import accelerator_cost, choose_levels
+    from ar2diff.decode.evaluate import model_shape
+
+    hist = [2, 1, 0, 9]  # block 4: mostly all three drafts accepted
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps({"settings": {"block_size": 4}, "samplers": {"lossless": {
+        "acceptance_histogram": [5, 1, 0, 9]}}, "statistics": {"temperature_0": {"samplers": {"lossless": {
+            "full_draft_histogram": hist}}}}}))
+    base = ["--checkpoint", str(checkpoint), "--prompt", PROMPTS[0], "--max-new-tokens", "6", "--json",
+            "--levels", "auto"]
+    assert main([*base, "--hardware", "mi300x", "--histogram", str(eval_json), "--projection-batch", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    want = choose_levels(hist, 4, {"mi300x": accelerator_cost(model_shape(load_model(checkpoint)), "mi300x",
+                                                              batch=64)})["mi300x"]
+    auto = report["levels_auto"]
+    assert auto["source"] == str(eval_json) and auto["histogram"] == hist
+    assert auto["chosen"] == want["chosen"] and report["settings"]["levels"] == want["chosen"]["levels"]
+    assert auto["chosen"]["speedup"] >= max(auto["all"]["speedup"], auto["zyphra"]["speedup"])
+    assert main([*base, "--hardware", "cpu"]) == 0
+    auto = json.loads(capsys.readouterr().out)["levels_auto"]
+    assert auto["source"].startswith("calibration decode") and sum(auto["histogram"]) > 0
+    assert set(auto["cpu_timing"]["seconds"]) == {"1", "7", "11", "19"} or set(auto["cpu_timing"]["seconds"]) == {
+        1, 7, 11, 19}
+    assert "--hardware" in error_of(base, capsys)
+    assert "--hardware" in error_of(["--checkpoint", str(checkpoint), "--prompt", "w1", "--hardware", "h100"],
+                                    capsys)

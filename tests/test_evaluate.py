@@ -106,13 +106,22 @@ def test_heldout_losses_equal_a_direct_tidar_forward(arch):
 @pytest.mark.parametrize("arch", ["llama", "zaya"])
 def test_decoding_metrics(arch):
     result = evaluated(arch)
-    assert set(result) == {"settings", "heldout", "prompts", "samplers", "quality", "router_load"}
+    assert set(result) == {"settings", "heldout", "prompts", "samplers", "quality", "router_load", "statistics",
+                           "agreement_curve", "levels_auto"}
     if arch == "zaya":  # the load of the routers' biased choices on the held-out rows, per layer
         assert set(result["router_load"]) == {"layer0", "layer1"}
         assert {"max_load", "min_load", "load_ratio", "load_entropy", "skip_share"} <= set(
             result["router_load"]["layer0"])
     else:
         assert result["router_load"] == {}
+    assert set(result["levels_auto"]) == {"lossless", "mixing_0.5"}
+    for r in result["levels_auto"]["lossless"].values():  # mi300x, mi355x, h100
+        assert r["chosen"]["speedup"] >= max(r["all"]["speedup"], r["zyphra"]["speedup"]) - 1e-12
+    greedy = result["statistics"]["temperature_0"]["samplers"]
+    for name, s in result["samplers"].items():
+        assert greedy[name]["tpf"]["tokens_per_forward"] == pytest.approx(s["tokens_per_forward"])
+        assert greedy[name]["tpf"]["low"] <= s["tokens_per_forward"] <= greedy[name]["tpf"]["high"]
+    assert result["agreement_curve"]["block_size"] == BLOCK and sum(result["agreement_curve"]["positions"]) > 0
     assert result["prompts"]["picks"] == [[0, 0], [1, 4], [2, 0]]
     s = result["samplers"]
     assert list(s) == ["ar", "lossless", "mixing_0.5"]
@@ -166,7 +175,8 @@ def test_write_eval_writes_json_pngs_and_logs(tmp_path):
     for folder in (tmp_path / "export", tmp_path):
         assert json.loads((folder / "eval.json").read_text()) == json.loads(json.dumps(result))
         assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [
-            "acceptance_lossless.png", "acceptance_mixing_0.5.png", "eval.json"]  # no temporary files left
+            "acceptance_lossless.png", "acceptance_mixing_0.5.png", "agreement_curve.png", "eval.json",
+            "tokens_per_forward_ci.png"]  # no temporary files left
         assert (folder / "acceptance_lossless.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (step, prefix, metrics), = logger.logged
     assert (step, prefix) == (7, "eval")
@@ -177,7 +187,11 @@ def test_write_eval_writes_json_pngs_and_logs(tmp_path):
     assert all(isinstance(v, float) for v in metrics.values())
     assert [(k, p.name, s) for k, p, s in logger.images] == [
         ("eval/acceptance/lossless", "acceptance_lossless.png", 7),
-        ("eval/acceptance/mixing_0.5", "acceptance_mixing_0.5.png", 7)]
+        ("eval/acceptance/mixing_0.5", "acceptance_mixing_0.5.png", 7),
+        ("eval/tokens_per_forward_ci", "tokens_per_forward_ci.png", 7), ("eval/agreement_curve", "agreement_curve.png", 7)]
+    assert metrics["temperature_0/lossless/tpf"] == result["statistics"]["temperature_0"]["samplers"]["lossless"][
+        "tpf"]["tokens_per_forward"]
+    assert metrics["agreement_curve/argmax_agree"] == result["agreement_curve"]["mean_over_drafts"]["argmax_agree"]
     assert logger.summary["eval"]["tokens_per_forward"] == {
         k: v["tokens_per_forward"] for k, v in result["samplers"].items()}
 
@@ -245,3 +259,4 @@ def test_phase_end_eval_on_an_export_folder(tmp_path):
         for key in ("acceptance_histogram", "forwards", "tokens", "agreement_tokens"):
             assert result["samplers"][name][key] == s[key], (name, key)
     assert result["quality"]["nll_per_token"] == pytest.approx(direct["quality"]["nll_per_token"], rel=1e-5)
+    assert result["statistics"] == direct["statistics"]  # decoding a fixed checkpoint is deterministic

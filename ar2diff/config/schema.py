@@ -18,6 +18,7 @@ from ar2diff.data.config import DataConfig
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")
 OBJECTIVES = ("tidar", "ar")
+DIFF_TARGETS = ("data", "ar", "mix")  # objective.diff_target (ar2diff.objective.DiffTarget)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class ObjectiveConfig:
     mask_ratio: float = 1.0  # 1.0 = full mask (TiDAR default); < 1 = random-mask ablation
     aux_coef: float | None = None  # router balancing loss weight; None = the model config's own
     loss_chunk_tokens: int | None = None  # head + loss per chunk of this many tokens (None: all logits at once)
+    diff_target: str = "data"  # data | ar | mix: the diffusion stream's target (ar2diff.objective.DiffTarget)
+    diff_target_weight: float = 0.5  # mix: weight of the detached AR distribution (data gets 1 - weight)
+    diff_target_temperature: float = 1.0  # temperature of the AR soft target
 
 
 @dataclass
@@ -74,9 +78,9 @@ class DecoderEvalConfig:
     """The phase-end decoder check (DESIGN.md "Reference decoder")."""
 
     enabled: bool = True
-    num_prompts: int = 8
+    num_prompts: int = 32  # the TPF interval is a bootstrap over prompts (ar2diff.decode.metrics)
     prompt_len: int = 32
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
     block_size: int | None = None  # None: the objective's block size
     levels: list[int] | None = None  # None: a template for every acceptance length
     mix_weights: list[float] = field(default_factory=lambda: [0.25, 0.5])
@@ -154,6 +158,11 @@ class PhaseConfig:
                 raise ValueError(f"objective.alpha={o.alpha} must be >= 0")
             if o.loss_chunk_tokens is not None and o.loss_chunk_tokens < 1:
                 raise ValueError(f"objective.loss_chunk_tokens={o.loss_chunk_tokens} must be >= 1 or null")
+            if o.diff_target not in DIFF_TARGETS:
+                raise ValueError(f"objective.diff_target={o.diff_target!r} must be one of {DIFF_TARGETS}")
+            if not 0.0 <= o.diff_target_weight <= 1.0 or not o.diff_target_temperature > 0:
+                raise ValueError(f"objective.diff_target_weight={o.diff_target_weight} must lie in [0, 1] and "
+                                 f"objective.diff_target_temperature={o.diff_target_temperature} must be > 0")
         if self.phase == "diffusion_sft" and not self.data.chat:
             raise ValueError("phase=diffusion_sft needs chat data with response-only loss: set data.chat=true")
         t = self.trainer
@@ -178,5 +187,10 @@ class PhaseConfig:
         self.deepspeed.validate(world_size)
         check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.data.seq_len, o.kind,
                                 m.attn_implementation, m.config, self.deepspeed.expert_parallel_size)
+        if self.deepspeed.sequence_parallel_size > 1 and o.diff_target != "data":
+            # the AR teacher of the first draft of a shard sits on the previous rank (a one-row exchange, not built)
+            raise ValueError(f"objective.diff_target={o.diff_target!r} is not available with "
+                             f"deepspeed.sequence_parallel_size={self.deepspeed.sequence_parallel_size}; use "
+                             "objective.diff_target=data or sequence_parallel_size=1")
         self.schedule.validate()
         return self

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ar2diff.decode.ar import decode_ar
 from ar2diff.decode.common import DecodeConfig, eos_of, summarize
+from ar2diff.decode.levels import HARDWARE
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.dtypes import TORCH_DTYPES
 
@@ -36,13 +37,13 @@ def _unit_interval(text: str) -> float:
 
 
 def _levels(text: str) -> str | tuple[int, ...]:
-    if text == "all":
-        return "all"
+    if text in ("all", "auto"):
+        return text
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"use 'all' or comma-separated acceptance levels like 4,7,10; got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"use 'all', 'auto' or comma-separated acceptance levels like 4,7,10; got "
+                                         f"{text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     p.add_argument("--block-size", type=int, default=None, help="default: tidar_block_size of config.json")
-    p.add_argument("--levels", type=_levels, default="all", help="'all' or acceptance levels to draft, e.g. 4,7,10")
+    p.add_argument("--levels", type=_levels, default="all",
+                   help="'all', acceptance levels to draft (e.g. 4,7,10), or 'auto': the set maximizing projected "
+                        "throughput on --hardware (ar2diff.decode.levels)")
+    p.add_argument("--hardware", choices=sorted(HARDWARE), default=None,
+                   help="with --levels auto: the cost model (accelerator roofline, or cpu: timed forwards here)")
+    p.add_argument("--histogram", default=None,
+                   help="with --levels auto: eval.json to read the acceptance histogram from (default: the "
+                        "checkpoint's eval.json when present, else a calibration decode of the prompts)")
+    p.add_argument("--projection-batch", type=int, default=1, help="with --levels auto: batch of the cost model")
+    p.add_argument("--projection-context", type=int, default=4096,
+                   help="with --levels auto on an accelerator: KV-cache tokens of the cost model")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (ROCm builds use cuda too)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
@@ -117,6 +128,9 @@ def run(args) -> dict:
         raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
     if args.sampler != "mixing" and args.mix_weight is not None:
         raise CliError(f"--mix-weight applies only to --sampler mixing, not --sampler {args.sampler}")
+    if (args.levels == "auto") != (args.hardware is not None):
+        raise CliError("--levels auto needs --hardware (mi300x, mi355x, h100 or cpu), and --hardware applies only "
+                       "to --levels auto")
     from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
     from ar2diff.model.folder_checks import check_tokenizer_files
 
@@ -138,12 +152,26 @@ def run(args) -> dict:
     else:
         model = export.tidar()
         warn_block_size(model.block_size, getattr(lm.config, "tidar_block_size", None))
-        cfg = TidarConfig(**shared, block_size=model.block_size, levels=args.levels, sampler=args.sampler,
+        cfg = TidarConfig(**shared, block_size=model.block_size,
+                          levels="all" if args.levels == "auto" else args.levels, sampler=args.sampler,
                           mix_weight=args.mix_weight or 0.0, drafter_temperature=args.drafter_temperature)
+        if args.levels == "auto":
+            from ar2diff.decode.levels import resolve_auto_levels
+
+            eval_json = args.histogram or (Path(args.checkpoint) / "eval.json")
+            if args.histogram and not Path(args.histogram).is_file():
+                raise CliError(f"--histogram {args.histogram!r} does not exist")
+            auto = resolve_auto_levels(model, prompts, cfg, args.hardware,
+                                       eval_json if Path(eval_json).is_file() else None,
+                                       args.projection_batch, args.projection_context)
+            cfg = replace(cfg, levels=tuple(auto["chosen"]["levels"]))
         results = decode_tidar(model, prompts, cfg, tokenizer=tokenizer)
-    return {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "settings": asdict(cfg),
-            "results": [dict(prompt=text, **r.to_json()) for text, r in zip(texts, results)],
-            "summary": summarize(results)}
+    report = {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "settings": asdict(cfg),
+              "results": [dict(prompt=text, **r.to_json()) for text, r in zip(texts, results)],
+              "summary": summarize(results)}
+    if args.sampler != "ar" and args.levels == "auto":
+        report["levels_auto"] = auto
+    return report
 
 
 def print_report(report: dict) -> None:
@@ -152,6 +180,11 @@ def print_report(report: dict) -> None:
         print(r["text"])
         print(f"--- {len(r['token_ids'])} tokens, {r['forwards']} forwards, "
               f"{r['tokens_per_forward']:.2f} tokens/forward, stop: {r['stop']}, {r['wall_time_s']:.2f} s")
+    if "levels_auto" in report:
+        a = report["levels_auto"]
+        print(f"=== --levels auto on {a['hardware']} (histogram from {a['source']}): levels {a['chosen']['levels']} "
+              f"projected speedup {a['chosen']['speedup']:.2f} (all: {a['all']['speedup']:.2f}"
+              + (f", Zyphra {a['zyphra']['levels']}: {a['zyphra']['speedup']:.2f})" if "zyphra" in a else ")"))
     s = report["summary"]
     print(f"=== {report['sampler']}: {s['tokens']} tokens in {s['forwards']} forwards = {s['tokens_per_forward']:.3f} "
           f"tokens/forward; acceptance histogram {s['acceptance_histogram']}; {s['tokens_per_s']:.1f} tokens/s")

@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from ar2diff.config.schema import DecoderEvalConfig
+from ar2diff.decode.agreement import agreement_curve
 from ar2diff.decode.ar import decode_ar
 from ar2diff.decode.common import (DecodeConfig, DecodeResult, eos_of, inference,  # noqa: F401 (eos_of re-exported)
                                    model_device, summarize)
+from ar2diff.decode.levels import phase_end_levels
+from ar2diff.decode.metrics import decode_statistics, flat_statistics
 from ar2diff.decode.projection import ACCELERATORS, ModelShape, project_speedup
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.atomic import write_json_atomic
@@ -232,10 +235,14 @@ def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch
         samplers[name] = s
 
     quality_cfgs = sampler_configs(dcfg, eos_id, block_size, QUALITY_TEMPERATURE)
-    nll = {}
+    nll, quality_results = {}, {}
     for name, cfg in quality_cfgs.items():
         res = results[name] if dcfg.temperature == QUALITY_TEMPERATURE else run_decoder(tidar_lm, prompts, cfg)
         nll[name], _ = ar_nll(tidar_lm.lm, res)
+        quality_results[name] = res
+    kinds = {name: s["kind"] for name, s in samplers.items()}
+    statistics = {f"temperature_{t:g}": decode_statistics(res, kinds, block_size - 1, seed=dcfg.seed)
+                  for t, res in ((dcfg.temperature, results), (QUALITY_TEMPERATURE, quality_results))}
     quality = {"temperature": QUALITY_TEMPERATURE, "top_p": dcfg.top_p, "nll_per_token": nll,
                "nll_excess_over_ar": {k: v - nll["ar"] for k, v in nll.items() if k != "ar"}}
     return {
@@ -248,6 +255,10 @@ def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch
         "samplers": samplers,
         "quality": quality,
         "router_load": measure_router_load(tidar_lm.lm, loss_rows["input_ids"], micro_batch),  # {} if dense
+        "statistics": statistics,  # TPF intervals, repetition, mixing - lossless (ar2diff.decode.metrics)
+        "agreement_curve": agreement_curve(objective, loss_rows, micro_batch, seed=dcfg.seed),
+        "levels_auto": phase_end_levels(samplers, statistics[f"temperature_{dcfg.temperature:g}"], shape, block_size,
+                                        PROJECTION_CONTEXT),  # `--levels auto` per preset vs all and Zyphra's
     }
 
 
@@ -264,6 +275,14 @@ def flat_metrics(result: dict) -> dict[str, float]:
     for name, v in result["quality"]["nll_per_token"].items():
         out[f"{name}/nll_t1"] = v
     out.update({f"router/{k}": v for k, v in flatten(result.get("router_load", {})).items()})
+    for temp, stats in result.get("statistics", {}).items():
+        out.update(flat_statistics(stats, temp))
+    for key, value in result.get("agreement_curve", {}).get("mean_over_drafts", {}).items():
+        out[f"agreement_curve/{key}"] = value
+    for name, per_hw in result.get("levels_auto", {}).items():
+        for hw, r in per_hw.items():
+            for which, entry in r.items():
+                out[f"{name}/levels_auto/{hw}/{which}_speedup"] = entry["speedup"]
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
@@ -276,13 +295,15 @@ def summary_subset(result: dict) -> dict:
             "agreement_tokens": {k: v["agreement_tokens"] for k, v in s.items()},
             "projected_speedup_MI300X": {k: v["projection"]["MI300X"]["speedup"] for k, v in s.items()
                                          if "projection" in v},
-            "nll_excess_over_ar": result["quality"]["nll_excess_over_ar"]}
+            "nll_excess_over_ar": result["quality"]["nll_excess_over_ar"],
+            "tokens_per_forward_ci": {temp: {k: [v["tpf"]["low"], v["tpf"]["high"]] for k, v in st["samplers"].items()}
+                                      for temp, st in result.get("statistics", {}).items()}}
 
 
 def write_eval(result: dict, folders, logger=None, step: int = 0) -> list[Path]:
     """Write eval.json (atomic) and acceptance_<sampler>.png per TiDAR sampler into every folder; with a logger,
     log the scalars (prefix "eval"), the images of the first folder and the summary subset. Returns the json paths."""
-    from ar2diff.decode.plots import save_acceptance_histogram, save_router_load
+    from ar2diff.decode.plots import save_acceptance_histogram, save_router_load, save_statistics_figures
 
     try:
         import matplotlib  # noqa: F401  (optional: pip install ar2diff[plot])
@@ -303,10 +324,13 @@ def write_eval(result: dict, folders, logger=None, step: int = 0) -> list[Path]:
         if plots and result.get("router_load"):
             images.setdefault("router_load", save_router_load(result["router_load"], folder / "router_load.png",
                                                               title="expert load of the routers' choices (held-out)"))
+        if plots:  # TPF intervals and the teacher-forced agreement curve (ar2diff.decode.metrics / agreement)
+            for name, png in save_statistics_figures(result, folder).items():
+                images.setdefault(name, png)
     if logger is not None:
         logger.log(step, flat_metrics(result), prefix="eval")
         for name, png in images.items():
-            logger.log_image("eval/router_load" if name == "router_load" else f"eval/acceptance/{name}", png, step)
+            logger.log_image(f"eval/acceptance/{name}" if name in result["samplers"] else f"eval/{name}", png, step)
         logger.update_summary({"eval": summary_subset(result)})
     return paths
 
@@ -338,6 +362,9 @@ def phase_end_eval(*, cfg, export_dir, run_dir, logger, step, data, tokenizer, r
     result.update(step=step, phase=cfg.phase, recipe=cfg.name, export_dir=str(export_dir),
                   eval_seconds=time.perf_counter() - start)
     write_eval(result, [export_dir, run_dir], logger, step)
+    for temp, stats in result["statistics"].items():
+        for note in stats["notes"]:
+            logger.print(f"[eval] {temp}: {note}")
     logger.print(f"[eval] {len(result['samplers'])} samplers on {result['prompts']['count']} prompts in "
                  f"{result['eval_seconds']:.1f} s; eval.json in {export_dir} and {run_dir}")
     return result

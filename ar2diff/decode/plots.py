@@ -127,3 +127,53 @@ def save_router_load(per_layer: dict[str, dict[str, float]], path: str | Path, t
     fig.savefig(tmp, format="png", dpi=100)
     tmp.replace(path)
     return path
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
+
+
+def save_statistics_figures(result: dict, folder: str | Path) -> dict[str, Path]:
+    """The phase-end statistics as PNGs in `folder`: tokens_per_forward_ci.png (TPF with its bootstrap interval
+    per sampler and temperature) and agreement_curve.png (teacher-forced agreement per block offset). Returns
+    {name: path} for the figures whose data the result holds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    folder, out = Path(folder), {}
+    stats = result.get("statistics")
+    if stats:
+        fig = Figure(figsize=(6, 3.4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        width = 0.8 / len(stats)
+        for k, (temp, st) in enumerate(stats.items()):
+            names = list(st["samplers"])
+            tpf = [st["samplers"][n]["tpf"] for n in names]
+            xs = [i + k * width for i in range(len(names))]
+            ax.bar(xs, [t["tokens_per_forward"] for t in tpf], width, label=temp.replace("_", " "),
+                   yerr=[[t["tokens_per_forward"] - t["low"] for t in tpf], [t["high"] - t["tokens_per_forward"]
+                                                                              for t in tpf]], capsize=3)
+            ax.set_xticks([i + width * (len(stats) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+        ax.set_ylabel("tokens per forward (95% CI)")
+        ax.legend(fontsize=8)
+        out["tokens_per_forward_ci"] = _save(fig, folder / "tokens_per_forward_ci.png")
+    curve = result.get("agreement_curve")
+    if curve:
+        fig = Figure(figsize=(5, 3.2))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        offsets = range(curve["block_size"])
+        for key, label in (("argmax_agree", "P(diff argmax = AR argmax)"), ("expected_accept", "E[min(1, p/q)]"),
+                           ("data_hit", "P(diff argmax = data)")):
+            ax.plot(offsets, curve[key], marker="o", label=label)
+        ax.set_xlabel("block offset (1 = first verified draft)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        out["agreement_curve"] = _save(fig, folder / "agreement_curve.png")
+    return out

@@ -8,7 +8,7 @@ from ar2diff.config.schema import PhaseConfig
 from ar2diff.dtypes import torch_dtype
 from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
 from ar2diff.model.loading import make_config
-from ar2diff.objective import TidarObjective
+from ar2diff.objective import DiffTarget, TidarObjective
 
 def resolve_tokenizer(cfg: PhaseConfig):
     """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
@@ -67,4 +67,5 @@ def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarObjective:
                               aux_coef=o.aux_coef)
     mask_id = add_mask_token(lm, tokenizer, o.block_size)
     return TidarObjective(TidarLM(lm, mask_id, o.block_size), alpha=o.alpha, mask_ratio=o.mask_ratio,
-                          aux_coef=o.aux_coef, loss_chunk_size=o.loss_chunk_tokens)
+                          aux_coef=o.aux_coef, loss_chunk_size=o.loss_chunk_tokens,
+                          diff_target=DiffTarget(o.diff_target, o.diff_target_weight, o.diff_target_temperature))
