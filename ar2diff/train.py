@@ -33,18 +33,22 @@ def default_run_dir(name: str) -> Path:
     return Path("outputs") / name / stamp[0]
 
 
-def phase_callbacks(cfg: PhaseConfig) -> list:
+def phase_callbacks(cfg: PhaseConfig, reference_data=None) -> list:
     if cfg.objective.kind == "tidar" and cfg.decoder.enabled:
+        from functools import partial
+
         from ar2diff.decode.evaluate import phase_end_eval
 
-        return [phase_end_eval]
+        return [partial(phase_end_eval, reference_data=reference_data)]
     return []
 
 
-def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None):
+def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, reference_data=None):
+    """reference_data: the pipeline's fixed pretraining held-out set for base-relative quality (None: own)."""
     from ar2diff.trainer.loop import train_phase
 
-    return train_phase(cfg, run_dir, group=group or cfg.logger.group, callbacks=phase_callbacks(cfg))
+    return train_phase(cfg, run_dir, group=group or cfg.logger.group,
+                       callbacks=phase_callbacks(cfg, reference_data))
 
 
 def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
@@ -54,7 +58,7 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
                    if o.split("=", 1)[0].lstrip("+~") not in ("recipe", "run_dir")
                    and not o.lstrip("+~").startswith("inputs.")]
     group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
-    results, previous = [], None
+    results, previous, reference = [], None, None
     for i, phase in enumerate(cfg.pipeline):
         if phase.skip_if_base and base is not None:
             continue
@@ -62,13 +66,20 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
         if previous is not None:
             overrides.append(f"model.path={previous}")
         phase_cfg = compose(overrides)
-        result = run_phase(phase_cfg, run_dir / f"{i}_{phase_cfg.phase}", group=group)
+        if reference is None and not phase_cfg.data.chat:  # one fixed pretraining held-out set for every phase
+            reference = phase_cfg.data
+        result = run_phase(phase_cfg, run_dir / f"{i}_{phase_cfg.phase}", group=group, reference_data=reference)
         results.append(result)
         previous = result.export_dir
     write_json_atomic(run_dir / "pipeline.json", {
         "recipe": cfg.name, "group": group,
         "phases": [{"phase": r.summary.get("phase"), "run_dir": str(r.run_dir), "export_dir": str(r.export_dir)}
                    for r in results]})
+    from ar2diff.evaluation.report import write_pipeline_quality
+    from ar2diff.trainer.distributed import init_distributed
+
+    if init_distributed().rank == 0:  # base -> midtrain -> context extension -> SFT: pipeline_quality.{json,md,png}
+        write_pipeline_quality(run_dir, [r.run_dir for r in results])
     return results
 
 
