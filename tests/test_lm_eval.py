@@ -83,7 +83,7 @@ def setup(tmp_path_factory):
 def test_local_tasks_end_to_end_match_hand_computed_scores(setup, sampler, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     lm = Ar2diffLM.from_export(setup["export"], sampler=sampler)
-    report = run_tasks(lm, ["toy_choice", "toy_gen"], include_path=str(setup["tasks"]))
+    report = run_tasks(lm, ["toy_choice", "toy_gen"], include_path=str(setup["tasks"]), include_defaults=False)
     choice, gen = report["tasks"]["toy_choice"], report["tasks"]["toy_gen"]
     assert choice["metrics"]["acc,none"] == pytest.approx(2 / 3)
     assert choice["tokens_per_forward"] is None  # loglikelihood only: no generation
@@ -112,7 +112,7 @@ def test_cli_writes_the_report_and_names_bad_arguments(setup, tmp_path, monkeypa
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "r.json"
     assert main(["--checkpoint", str(setup["export"]), "--tasks", "toy_gen", "--include-path", str(setup["tasks"]),
-                 "--sampler", "mixing", "--mix-weight", "0.5", "--output", str(out), "--device", "cpu"]) == 0
+                 "--only-include-path", "--sampler", "mixing", "--mix-weight", "0.5", "--output", str(out), "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     assert report["sampler"] == "mixing" and report["mix_weight"] == 0.5
     assert report["tasks"]["toy_gen"]["tokens_per_forward"] >= 1.0

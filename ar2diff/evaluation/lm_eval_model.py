@@ -145,12 +145,14 @@ class Ar2diffLM(LM):
 
 
 def run_tasks(lm: Ar2diffLM, tasks: list[str], include_path=None, limit: int | None = None,
-              num_fewshot: int | None = None) -> dict:
-    """{task: {"metrics": lm-eval's numbers, "tokens_per_forward", "generations"}} plus the sampler settings."""
+              num_fewshot: int | None = None, include_defaults: bool = True) -> dict:
+    """{task: {"metrics": lm-eval's numbers, "tokens_per_forward", "generations"}} plus the sampler settings.
+
+    include_defaults=False indexes only include_path's tasks (lm-eval's own index takes ~50 s to build)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults or not include_path)
     report = {"sampler": lm.sampler, "mix_weight": lm.mix_weight if lm.sampler == "mixing" else None, "tasks": {}}
     for task in tasks:
         lm.stats = GenerationStats()
