@@ -66,7 +66,16 @@ def test_quickstart_pipeline(tmp_path):
             assert ev["samplers"]["lossless"]["agreement_tokens"] == 1.0  # greedy lossless is exact
             assert (export / "acceptance_lossless.png").is_file()
             assert_greedy_tidar_matches_generate(export, tok)
+            pre = ev["base_relative"]["pretrain"]  # the fixed pretraining held-out set, start and base as they were
+            assert set(pre["scores"]) == {"end", "start", "base"} and pre["scores"]["base"]["loss_diff"] is None
+            assert ev["quality_base"] == pipeline["phases"][0]["export_dir"]
+            assert ev["passk"]["vs_ar"]["lossless"]["pass@1"]["k"] == 1
+            assert ("chat" in ev["base_relative"]) == (p["phase"] == "diffusion_sft")
+            assert ("position_loss" in ev) == (p["phase"] == "context_extension")
         previous = export
+    quality = json.loads((run_dir / "pipeline_quality.json").read_text())
+    assert [r["phase"] for r in quality["rows"]] == ["base", "tidar_midtrain", "context_extension", "diffusion_sft"]
+    assert (run_dir / "pipeline_quality.md").is_file() and (run_dir / "pipeline_quality.png").is_file()
     # W&B (offline): every phase's run file carries the pipeline's group and the full resolved config
     for p in pipeline["phases"]:
         (record,) = Path(p["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")
