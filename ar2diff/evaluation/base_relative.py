@@ -69,8 +69,11 @@ def deltas(end: dict, other: dict) -> dict:
 def compare(models: dict, rows: dict[str, torch.Tensor], micro_batch: int, seed: int = 0) -> dict:
     """Score {"end", "start", "base"} models (any may be absent) on the same rows; deltas of end vs the others."""
     by_model: dict[int, dict] = {}  # the base is often the start itself (midtrain): score it once
-    scores = {name: by_model.setdefault(id(m), score(m, rows, micro_batch, seed)) if id(m) not in by_model
-              else by_model[id(m)] for name, m in models.items()}
+    scores = {}
+    for name, m in models.items():
+        if id(m) not in by_model:
+            by_model[id(m)] = score(m, rows, micro_batch, seed)
+        scores[name] = dict(by_model[id(m)])
     out = {"rows": int(rows["input_ids"].shape[0]), "seq_len": int(rows["input_ids"].shape[1]), "scores": scores}
     for other in ("start", "base"):
         if "end" in scores and other in scores:
