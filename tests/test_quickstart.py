@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["data.seq_len=64", "data.sources.0.path=json/*", "data.heldout_fraction=0.4", "data.bpe_vocab_size=400",
          "data.bpe_max_bytes=300000", "budget.tokens=2048", "decoder.num_prompts=2", "decoder.prompt_len=8",
-         "decoder.max_new_tokens=8", "trainer.log_every=1", "logger.mode=offline"]
+         "decoder.max_new_tokens=8", "trainer.log_every=1", "logger.mode=offline", "decoder.quality.passk_prompts=4",
+         "decoder.quality.passk_samples=2", "decoder.quality.passk_k=[1,2]", "decoder.quality.target_len=2",
+         "decoder.quality.reference_rows=4"]
 
 
 def assert_greedy_tidar_matches_generate(export, tokenizer):
