@@ -34,7 +34,8 @@ def test_bucket_losses_by_hand_and_beyond_previous_flag():
     assert [(x["start"], x["tokens"], x["loss"]) for x in b] == [
         (0, 0, None), (1, 1, 1.0), (2, 2, 2.5), (4, 1, 4.0), (8, 2, 5.5)]
     better = [dict(x, loss=None if x["loss"] is None else x["loss"] - (x["start"] >= 8)) for x in b]
-    assert compare_buckets(b, better, previous_seq_len=8)["beyond_previous_improved"]
+    cmp = compare_buckets(b, better, previous_seq_len=8)
+    assert cmp["beyond_previous_improved"] and cmp["mean_delta_beyond"] == -1.0 and cmp["mean_delta_within"] == 0.0
     assert not compare_buckets(better, b, previous_seq_len=8)["beyond_previous_improved"]
 
 

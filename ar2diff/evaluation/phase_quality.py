@@ -114,6 +114,8 @@ def quality_metrics(result: dict) -> dict[str, float]:
             if key.startswith("pass@"):
                 out.update({f"passk/{name}/{key}": v["value"], f"passk/{name}/{key}_low": v["low"],
                             f"passk/{name}/{key}_high": v["high"]})
+    for key in ("mean_delta_beyond", "mean_delta_within"):
+        out[f"position_loss/{key}"] = result.get("position_loss", {}).get(key)
     for b in result.get("position_loss", {}).get("buckets", []):
         for key in ("loss_start", "loss_end", "delta"):
             out[f"position_loss/{b['start']}-{b['end']}/{key}"] = b[key]

@@ -65,8 +65,17 @@ def compare_buckets(start: list[dict], end: list[dict], previous_seq_len: int | 
                      "loss_end": e["loss"], "delta": delta,
                      "beyond_previous": previous_seq_len is not None and s["start"] >= previous_seq_len})
     beyond = [r for r in rows if r["beyond_previous"] and r["delta"] is not None]
+    within = [r for r in rows if not r["beyond_previous"] and r["delta"] is not None]
     return {"previous_seq_len": previous_seq_len, "buckets": rows,
-            "beyond_previous_improved": bool(beyond) and all(r["delta"] < 0 for r in beyond)}
+            "beyond_previous_improved": bool(beyond) and all(r["delta"] < 0 for r in beyond),
+            # training improves every position; extension shows as a larger gain beyond the old length
+            "mean_delta_beyond": _mean_delta(beyond), "mean_delta_within": _mean_delta(within)}
+
+
+def _mean_delta(rows: list[dict]) -> float | None:
+    """Token-weighted mean of the bucket deltas (None without tokens)."""
+    tokens = sum(r["tokens"] for r in rows)
+    return sum(r["delta"] * r["tokens"] for r in rows) / tokens if tokens else None
 
 
 def position_report(start_model, end_model, rows: dict[str, torch.Tensor], micro_batch: int, seq_len: int,
