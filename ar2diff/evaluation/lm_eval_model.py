@@ -130,7 +130,8 @@ class Ar2diffLM(LM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             cfg = self.decode_config(int(kwargs.get("max_gen_toks", self.max_gen_toks)), temperature,
                                      float(kwargs.get("top_p", 1.0)), self.seed + i)
-            prompt = (self.encode(context) or [self.prefix_token()])[-(self.max_length - cfg.max_new_tokens):]
+            room = self.max_length - cfg.max_new_tokens - (0 if self.sampler == "ar" else self.model.block_size)
+            prompt = (self.encode(context) or [self.prefix_token()])[-room:]  # keep the end of a long context
             result = run_decoder(self.model, [prompt], cfg)[0]
             self.stats.tokens += len(result.token_ids)
             self.stats.forwards += result.forwards
