@@ -1,13 +1,18 @@
-"""`python -m ar2diff.evaluate --checkpoint EXPORT`: the phase-end check on any export, without retraining.
+"""`python -m ar2diff.evaluate --checkpoint EXPORT`: the phase-end check on any export, without retraining; with
+`--tasks`, lm-eval-harness tasks instead.
 
     python -m ar2diff.evaluate --checkpoint RUN/export                       # the run's own held-out data
     python -m ar2diff.evaluate --checkpoint DIR data.sources.0.path=x.jsonl  # any export, any data (overrides)
+    python -m ar2diff.evaluate --checkpoint DIR --tasks hellaswag,gsm8k --sampler lossless   # lm-eval-harness
 
 The configuration is the run's `resolved_config.json` next to the export (`RUN/export` -> `RUN/`) when there is
 one, else the defaults; `KEY=VALUE` overrides (Hydra syntax) go on top, so the held-out split is the one the run
 trained beside. The result is the phase-end check's `eval.json` (decode/evaluate.py `phase_end_eval`), written
-into `--out` (default: the export folder). `--tasks` is reserved for task evaluation (lm-eval-harness), which
-plugs in through `run_tasks`.
+into `--out` (default: the export folder).
+
+`--tasks` runs lm-eval-harness (`pip install 'ar2diff[lm_eval]'`; `ar2diff.evaluation.lm_eval_model`): loglikelihood
+from the AR stream, generation through an ar2diff sampler (`--sampler ar|lossless|mixing --mix-weight W`), tokens
+per forward beside each task's metrics; the report goes to `--output` (default: <checkpoint>/lm_eval.json).
 """
 
 from __future__ import annotations
@@ -26,7 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="an exported checkpoint folder (python -m ar2diff.export)")
     p.add_argument("--config", default=None, help="a resolved_config.json (default: the one beside the export)")
     p.add_argument("--out", default=None, help="folder for eval.json and plots (default: the export folder)")
-    p.add_argument("--tasks", default=None, help="comma-separated evaluation tasks (reserved: lm-eval-harness)")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness task (or group) names")
+    tasks = p.add_argument_group("lm-eval-harness (with --tasks)")
+    tasks.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (local tasks)")
+    tasks.add_argument("--only-include-path", action="store_true",
+                       help="index only --include-path's tasks, not lm-eval's built-in ones (faster start)")
+    tasks.add_argument("--sampler", default="lossless", choices=("ar", "lossless", "mixing"))
+    tasks.add_argument("--mix-weight", type=float, default=0.0, help="the mixing sampler's weight in (0, 1]")
+    tasks.add_argument("--max-gen-toks", type=int, default=256)
+    tasks.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    tasks.add_argument("--num-fewshot", type=int, default=None)
+    tasks.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    tasks.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--output", default=None, help="report JSON (default: <checkpoint>/lm_eval.json)")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. data.heldout_fraction=0.1")
     return p
 
@@ -50,21 +68,41 @@ def load_config(checkpoint: Path, config: str | None, overrides: list[str]):
     return to_phase_config(merged)
 
 
-KNOWN_TASKS: tuple[str, ...] = ()  # filled when task evaluation (lm-eval-harness) lands
+def format_table(report: dict) -> str:
+    lines = [f"sampler {report['sampler']}" + (f" (mix weight {report['mix_weight']:g})" if report["mix_weight"]
+                                               else "")]
+    for task, r in report["tasks"].items():
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+        tpf = r["tokens_per_forward"]
+        lines.append(f"{task}: {metrics}" + (f" | tokens/forward {tpf:.2f}" if tpf is not None else ""))
+    return "\n".join(lines)
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Fail before any work when a task is unknown (every task, in this build)."""
-    unknown = [t for t in tasks if t not in KNOWN_TASKS]
-    if unknown:
-        raise ValueError(f"--tasks {','.join(unknown)}: task evaluation is not available in this version; run "
-                         "without --tasks for the phase-end check")
+def run_lm_eval(args) -> dict:
+    """lm-eval-harness tasks on the export; writes and returns the report."""
+    import torch
 
+    try:
+        from ar2diff.evaluation.lm_eval_model import Ar2diffLM, run_tasks
+    except ImportError as err:
+        raise ValueError(f"--tasks needs lm-eval-harness: pip install 'ar2diff[lm_eval]' ({err})") from None
+    from ar2diff.atomic import write_json_atomic
+    from ar2diff.decode.evaluate import default_device
 
-def run_tasks(tasks: list[str], checkpoint: Path, cfg, out: Path) -> dict:
-    """Task evaluation on the export: {task: metrics}. The lm-eval-harness model class plugs in here."""
-    check_tasks(tasks)
-    return {}
+    if not Path(args.checkpoint).is_dir():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} is not a folder")
+    device = torch.device(args.device) if args.device else default_device()
+    lm = Ar2diffLM.from_export(args.checkpoint, dtype=getattr(torch, args.dtype), device=device,
+                               sampler=args.sampler, mix_weight=args.mix_weight, max_gen_toks=args.max_gen_toks,
+                               seed=args.seed)
+    report = run_tasks(lm, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                       limit=args.limit, num_fewshot=args.num_fewshot, include_defaults=not args.only_include_path)
+    report["checkpoint"] = str(args.checkpoint)
+    output = Path(args.output) if args.output else Path(args.checkpoint) / "lm_eval.json"
+    write_json_atomic(output, json.loads(json.dumps(report, default=str)))
+    print(format_table(report))
+    print(f"report: {output}")
+    return report
 
 
 def evaluate(args) -> dict:
@@ -75,8 +113,6 @@ def evaluate(args) -> dict:
     from ar2diff.decode.evaluate import phase_end_eval
     from ar2diff.logging import RunLogger
 
-    tasks = args.tasks.split(",") if args.tasks else []
-    check_tasks(tasks)
     checkpoint = Path(args.checkpoint)
     meta = read_metadata(checkpoint)  # the completeness check names a missing or truncated file
     cfg = load_config(checkpoint, args.config, args.overrides)
@@ -87,8 +123,6 @@ def evaluate(args) -> dict:
     logger = RunLogger(out, 0, name=f"evaluate:{checkpoint.name}", group=None, config={}, wandb_cfg=None)
     result = phase_end_eval(cfg=cfg, export_dir=checkpoint, run_dir=out, logger=logger, step=meta.get("step") or 0,
                             data=data, tokenizer=tokenizer, rank=0)
-    if tasks:
-        result["tasks"] = run_tasks(tasks, checkpoint, cfg, out)
     return result
 
 
@@ -97,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        evaluate(args)
+        run_lm_eval(args) if args.tasks else evaluate(args)
     except USER_ERRORS as err:
         return report(PROG, err, rank=0)
     return 0

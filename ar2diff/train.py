@@ -56,16 +56,17 @@ def _on_rank0() -> bool:
 
 
 def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbacks: list = (),
-              overrides: list[str] | None = None):
+              overrides: list[str] | None = None, reference_data=None):
     """Train one phase with the built-in callbacks (+ `callbacks`); the decoder check for a TiDAR phase.
-    `overrides` (when given) are recorded with the resolved config in the phase folder."""
+    `overrides` (when given) are recorded with the resolved config in the phase folder. reference_data: the
+    pipeline's fixed pretraining held-out set for base-relative quality (None: the phase's own)."""
     from ar2diff.trainer.phase import PhaseTrainer
 
     if overrides is not None and _on_rank0():
         write_run_record(run_dir, cfg, overrides)
     decoder_check = cfg.objective.kind == "tidar" and cfg.decoder.enabled
     return PhaseTrainer(cfg, run_dir, group=group or cfg.logger.group, callbacks=list(callbacks),
-                        decoder_check=decoder_check).run()
+                        decoder_check=decoder_check, reference_data=reference_data).run()
 
 
 def plan_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list[tuple[PhaseConfig, Path]]:
@@ -104,6 +105,8 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
             phase_cfg = replace(phase_cfg, model=replace(phase_cfg.model, path=None))
         check_phase_inputs(phase_cfg, f"pipeline phase {phase_dir.name}: ")
     group = cfg.logger.group or f"{cfg.name}-{run_dir.name}"
+    # one fixed pretraining held-out set for every phase's base-relative quality (the first non-chat phase's data)
+    reference = next((phase_cfg.data for phase_cfg, _, _ in plan if not phase_cfg.data.chat), None)
     results = []
     for phase_cfg, phase_dir, overrides in plan:
         if phase_complete(phase_dir, phase_cfg):
@@ -111,11 +114,16 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
             summary = json.loads((phase_dir / "summary.json").read_text())
             results.append(PhaseResult(run_dir=phase_dir, export_dir=phase_dir / "export", summary=summary))
             continue
-        results.append(run_phase(phase_cfg, phase_dir, group=group, overrides=overrides))
+        results.append(run_phase(phase_cfg, phase_dir, group=group, overrides=overrides, reference_data=reference))
     write_json_atomic(run_dir / "pipeline.json", {
         "recipe": cfg.name, "group": group,
         "phases": [{"phase": r.summary.get("phase"), "run_dir": str(r.run_dir), "export_dir": str(r.export_dir)}
                    for r in results]})
+    from ar2diff.evaluation.report import write_pipeline_quality
+    from ar2diff.trainer.distributed import init_distributed
+
+    if init_distributed().rank == 0:  # base -> midtrain -> context extension -> SFT: pipeline_quality.{json,md,png}
+        write_pipeline_quality(run_dir, [r.run_dir for r in results])
     return results
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ar2diff.checkpoint import export_model
+from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.schema import DecoderEvalConfig, PhaseConfig
 from ar2diff.decode.evaluate import (ACCELERATORS, evaluate_checkpoint, phase_end_eval, read_heldout, select_prompts,
                                      write_eval)
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is 
 
 BLOCK = 4
 S = 24
-DCFG = DecoderEvalConfig(num_prompts=3, prompt_len=6, max_new_tokens=10, mix_weights=[0.5], seed=0)
+DCFG = DecoderEvalConfig(num_prompts=3, prompt_len=6, max_new_tokens=10, mix_weights=[0.5], seed=0,
+                         quality=QualityEvalConfig(enabled=False))  # tests/test_phase_quality.py covers quality
 
 
 def heldout(n_rows: int = 6) -> dict[str, torch.Tensor]:

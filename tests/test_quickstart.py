@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["data.seq_len=64", "data.sources.0.path=json/*", "data.heldout_fraction=0.4", "data.bpe_vocab_size=400",
          "data.bpe_max_bytes=300000", "budget.tokens=2048", "decoder.num_prompts=2", "decoder.prompt_len=8",
-         "decoder.max_new_tokens=8", "trainer.log_every=1", "logger.mode=offline"]
+         "decoder.max_new_tokens=8", "trainer.log_every=1", "logger.mode=offline", "decoder.quality.passk_prompts=4",
+         "decoder.quality.passk_samples=2", "decoder.quality.passk_k=[1,2]", "decoder.quality.target_len=2",
+         "decoder.quality.reference_rows=4"]
 
 
 def assert_greedy_tidar_matches_generate(export, tokenizer):
@@ -76,7 +78,16 @@ def test_quickstart_pipeline(tmp_path):
             assert ev["samplers"]["lossless"]["agreement_tokens"] == 1.0  # greedy lossless is exact
             assert (export / "acceptance_lossless.png").is_file()
             assert_greedy_tidar_matches_generate(export, tok)
+            pre = ev["base_relative"]["pretrain"]  # the fixed pretraining held-out set, start and base as they were
+            assert set(pre["scores"]) == {"end", "start", "base"} and pre["scores"]["base"]["loss_diff"] is None
+            assert ev["quality_base"] == pipeline["phases"][0]["export_dir"]
+            assert ev["passk"]["vs_ar"]["lossless"]["pass@1"]["k"] == 1
+            assert ("chat" in ev["base_relative"]) == (p["phase"] == "diffusion_sft")
+            assert ("position_loss" in ev) == (p["phase"] == "context_extension")
         previous = export
+    quality = json.loads((run_dir / "pipeline_quality.json").read_text())
+    assert [r["phase"] for r in quality["rows"]] == ["base", "tidar_midtrain", "context_extension", "diffusion_sft"]
+    assert (run_dir / "pipeline_quality.md").is_file() and (run_dir / "pipeline_quality.png").is_file()
     # W&B (offline): every phase's run file carries the pipeline's group and the full resolved config
     for p in pipeline["phases"]:
         (record,) = Path(p["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")

@@ -30,7 +30,7 @@ def test_phase_model_from_scratch_gets_the_mask_token_and_block_size():
     cfg = compose(["model=tiny_qwen3_moe", "objective.block_size=8", "data.seq_len=64"])
     tok = word_tokenizer(200)
     model = build_phase_model(cfg, tok)
-    assert model.mask_token_id == tok.mask_token_id == 200 and model.block_size == 8
+    assert model.model.mask_token_id == tok.mask_token_id == 200 and model.model.block_size == 8
     assert model.config.vocab_size == 201 and model.config.tidar_block_size == 8
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ar2diff.config.engine import EngineConfig
+from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.router import RouterBalanceConfig
 from ar2diff.config.schedule import ScheduleConfig
 from ar2diff.config.sequence_parallel import check_sequence_parallel
@@ -87,6 +88,7 @@ class DecoderEvalConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    quality: QualityEvalConfig = field(default_factory=QualityEvalConfig)  # base-relative losses, pass@k, positions
 
 
 @dataclass
@@ -182,6 +184,8 @@ class PhaseConfig:
             if d.prompt_len >= self.data.seq_len:
                 raise ValueError(f"decoder.prompt_len={d.prompt_len} must be shorter than data.seq_len="
                                  f"{self.data.seq_len} (prompts are cut from held-out rows)")
+            if d.quality.enabled:
+                d.quality.validate(self.data.seq_len, d.prompt_len)
         self.data.validate()
         self.router_balance.validate()
         self.deepspeed.validate(world_size)

@@ -283,6 +283,10 @@ def flat_metrics(result: dict) -> dict[str, float]:
         for hw, r in per_hw.items():
             for which, entry in r.items():
                 out[f"{name}/levels_auto/{hw}/{which}_speedup"] = entry["speedup"]
+
+    from ar2diff.evaluation.phase_quality import quality_metrics  # base-relative, pass@k, loss by position
+
+    out.update(quality_metrics(result))
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
@@ -346,9 +350,11 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def phase_end_eval(*, cfg, export_dir, run_dir, logger, step, data, tokenizer, rank, **_) -> dict | None:
+def phase_end_eval(*, cfg, export_dir, run_dir, logger, step, data, tokenizer, rank, reference_data=None,
+                   **_) -> dict | None:
     """Trainer callback: evaluate the exported checkpoint on rank 0 (other ranks return None at once), write
-    eval.json into export_dir and run_dir, log the numbers. Returns the result dict on rank 0."""
+    eval.json into export_dir and run_dir, log the numbers. Returns the result dict on rank 0.
+    reference_data: the pipeline's fixed pretraining held-out set for the base-relative losses (None: own data)."""
     if rank != 0:
         return None
     start = time.perf_counter()
@@ -359,12 +365,23 @@ def phase_end_eval(*, cfg, export_dir, run_dir, logger, step, data, tokenizer, r
     rows = read_heldout(data.heldout, heldout_batches * micro, dcfg.num_prompts, dcfg.prompt_len)
     result = evaluate_checkpoint(model, rows, dcfg, eos_of(model.lm, tokenizer), heldout_batches, micro,
                                  tokenizer=tokenizer)
+    if dcfg.quality.enabled:  # base-relative losses, pass@k, loss by position (ar2diff.evaluation)
+        from ar2diff.evaluation.phase_quality import phase_quality
+
+        result.update(phase_quality(cfg=cfg, end_model=model, heldout=data.heldout, samplers=result["samplers"],
+                                    loss_rows=heldout_batches * micro, reference_data=reference_data,
+                                    tokenizer=tokenizer))
     result.update(step=step, phase=cfg.phase, recipe=cfg.name, export_dir=str(export_dir),
                   eval_seconds=time.perf_counter() - start)
     write_eval(result, [export_dir, run_dir], logger, step)
     for temp, stats in result["statistics"].items():
         for note in stats["notes"]:
             logger.print(f"[eval] {temp}: {note}")
+
+    from ar2diff.evaluation.report import write_phase_plots
+
+    for png in write_phase_plots(result, [run_dir]):
+        logger.log_image(f"eval/{png.stem}", png, step)
     logger.print(f"[eval] {len(result['samplers'])} samplers on {result['prompts']['count']} prompts in "
                  f"{result['eval_seconds']:.1f} s; eval.json in {export_dir} and {run_dir}")
     return result

@@ -162,6 +162,10 @@ class TidarLM(nn.Module):
                                                       want_router_logits=want_router_logits)
         return hidden, router_logits
 
+    def causal_logits(self, input_ids, doc_ids=None, position_ids=None) -> torch.Tensor:
+        """(B, S, V) next-token logits of the plain causal forward (scoring: held-out loss by position, lm-eval)."""
+        return self.head(self.causal_hidden(input_ids, doc_ids, position_ids)[0])
+
     def forward(self, input_ids, doc_ids=None, position_ids=None, draft_mask=None) -> TidarLogits:
         """Logits of both streams of the TiDAR layout (no loss; see ar2diff.objective.TidarObjective)."""
         layout, hidden_BLH, _ = self.tidar_hidden(input_ids, doc_ids, position_ids, draft_mask)

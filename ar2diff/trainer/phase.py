@@ -70,9 +70,10 @@ class PhaseTrainer:
     check callback."""
 
     def __init__(self, cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
-                 callbacks: list[Callback] = (), decoder_check: bool = False):
+                 callbacks: list[Callback] = (), decoder_check: bool = False, reference_data=None):
         self.cfg, self.run_dir, self.group = cfg, Path(run_dir), group
         self.extra_callbacks, self.decoder_check = list(callbacks), decoder_check
+        self.reference_data = reference_data  # the pipeline's fixed pretraining held-out set (base-relative quality)
 
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
@@ -140,7 +141,7 @@ class PhaseTrainer:
                                  layout_len, density), std.HeldoutEval(), std.Checkpointing(), std.Export(),
                      std.ReleaseEngine(), std.Summary(), std.ProgressBar()]
         callbacks += [NonFiniteStop(cfg.trainer.max_nonfinite_skips), PreemptionStop(), RouterBalancing()]
-        return callbacks + ([std.DecoderCheck()] if self.decoder_check else [])
+        return callbacks + ([std.DecoderCheck(self.reference_data)] if self.decoder_check else [])
 
     def train_step(self, state: TrainState, callbacks: Callback) -> None:
         """One optimizer step: `grad_accum_steps` micro batches, forward + backward + engine step each."""

@@ -9,6 +9,7 @@ from ar2diff.dtypes import torch_dtype
 from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
 from ar2diff.model.loading import make_config
 from ar2diff.objective import DiffTarget, TidarObjective
+from ar2diff.model.rope import check_theta_raised, rope_thetas
 
 def resolve_tokenizer(cfg: PhaseConfig):
     """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
@@ -49,7 +50,10 @@ def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarObjective:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(m.path)
+        thetas_before = rope_thetas(config)
         apply_rope_overrides(config, dict(m.rope), m.max_position_embeddings)
+        if cfg.phase == "context_extension" and "rope_theta" in m.rope:
+            check_theta_raised(thetas_before, rope_thetas(config), source=m.path)
         lm = load_model(m.path, attn_implementation=m.attn_implementation, dtype=dtype, config=config)
     else:
         arch = dict(m.config)

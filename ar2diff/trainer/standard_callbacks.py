@@ -157,6 +157,9 @@ class DecoderCheck(Callback):
 
     order = 40
 
+    def __init__(self, reference_data=None):
+        self.reference_data = reference_data  # DataConfig of the pipeline's fixed pretraining held-out set, or None
+
     def on_phase_end(self, state: TrainState) -> None:
         if state.stopped_early:
             return
@@ -165,7 +168,8 @@ class DecoderCheck(Callback):
         state.logger.print(f"[eval] phase-end decoder check on {state.export_dir} ...")
         state.extra["eval"] = phase_end_eval(cfg=state.cfg, export_dir=state.export_dir, run_dir=state.run_dir,
                                              logger=state.logger, step=state.step, data=state.data,
-                                             tokenizer=state.tokenizer, rank=state.rank)
+                                             tokenizer=state.tokenizer, rank=state.rank,
+                                             reference_data=self.reference_data)
 
 
 class Summary(Callback):
