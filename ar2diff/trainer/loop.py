@@ -56,7 +56,9 @@ def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
 def _prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: int, dp_size: int):
     """Rank 0 tokenizes and packs (cached on disk); the others wait, then read the cache."""
     from ar2diff.data.loader import build_dataloaders, prepare_data
+    from ar2diff.data.prepare import check_inline
 
+    check_inline(cfg.data, tokenizer)  # every rank: data too large to prepare here fails before any rank waits
     if rank == 0:
         prepare_data(cfg.data, tokenizer)
     if dist.is_initialized():
@@ -89,6 +91,9 @@ def train_phase(cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
     dp_size = budget.data_parallel_size
     dp_rank = ctx.rank // max(1, cfg.deepspeed.sequence_parallel_size)
     data = _prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank, dp_size)
+    from ar2diff.data.loader import mixture_report
+
+    logger.print(mixture_report(data.train.data, budget.tokens, cfg.data.max_repeats))
     engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
     engine = build_engine(model, engine_cfg, cfg.schedule, budget.steps)
 
