@@ -70,8 +70,9 @@ class DataConfig:
     bpe_max_bytes: train the BPE on at most this many bytes of that corpus (tests, quick runs).
     cache_dir: where the tokenizer, the prepared token files, token-file indexes and datasets files are kept.
     num_proc: processes that tokenize when the trainer prepares a text source itself (small data).
-    max_inline_bytes: a text source larger than this on disk is not tokenized by the trainer: prepare it
-        first with `python -m ar2diff.data.prepare` (so ranks never wait on one rank tokenizing terabytes).
+    max_inline_bytes: a text source larger than this on disk (about 4 min of one process tokenizing) is not
+        tokenized by the trainer: prepare it first with `python -m ar2diff.data.prepare`, so ranks never wait on
+        one rank tokenizing terabytes. Token files count 1/32 of their bytes (their index pass only reads).
     max_repeats: warn at start-up when the token budget repeats a source more than this many times.
     """
 
@@ -86,7 +87,7 @@ class DataConfig:
     bpe_max_bytes: int | None = None
     cache_dir: str = "~/.cache/ar2diff/data"
     num_proc: int = 1
-    max_inline_bytes: int = 2 << 30
+    max_inline_bytes: int = 256 << 20
     max_repeats: float = 4.0
 
     def validate(self) -> "DataConfig":

@@ -126,13 +126,11 @@ def source_bytes(src: SourceConfig, key: str) -> int:
 
 def check_inline(cfg: DataConfig, tokenizer) -> None:
     """Raise (on every rank, before any waits) if a source is not prepared and too large to prepare inline."""
-    from .tokenfile import build_index  # noqa: F401  (import errors surface here, not on one rank)
+    from .tokenfile import index_folder
 
     for i, src in enumerate(cfg.sources):
         key = f"data.sources[{i}]"
         if src.kind in TOKEN_KINDS:
-            from .tokenfile import index_folder
-
             if index_folder(cfg, src, tokenizer, key).is_dir():
                 continue
         else:
