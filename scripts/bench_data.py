@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=float, nargs="*", default=[1e7, 1e8], help="synthetic token-file sizes (tokens)")
     p.add_argument("--row-len", type=int, default=32768, help="row length of the read timing and start-up")
     p.add_argument("--quickstart", action="store_true", help="only time the quickstart's data preparation")
+    p.add_argument("--phases", nargs="*", default=None, help="with --quickstart: only these phases")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p
@@ -176,7 +177,7 @@ def bench_startup(args, work: Path, tok) -> list[dict]:
     return results
 
 
-def bench_quickstart(work: Path) -> dict:
+def bench_quickstart(work: Path, only: list[str] | None = None) -> dict:
     """Data preparation of the quickstart phases (tokenizer trained first, not timed), old or new code alike."""
     from ar2diff.data import DataConfig, SourceConfig, build_dataloaders, get_tokenizer, prepare_data
 
@@ -187,6 +188,8 @@ def bench_quickstart(work: Path) -> dict:
     tok = get_tokenizer(base)
     out = {}
     for name, kind, chat, seq in phases:
+        if only and name not in only:
+            continue
         cfg = DataConfig(sources=[SourceConfig(kind=kind)], seq_len=seq, chat=chat, bpe_vocab_size=4096,
                          heldout_fraction=0.02, cache_dir=cache).validate()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -206,7 +209,7 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     try:
         if args.quickstart:
-            results = {"quickstart_data_s": bench_quickstart(work)}
+            results = {"quickstart_data_s": bench_quickstart(work, args.phases)}
         else:
             tok = small_tokenizer(work / "tokcache")
             results = {"prepare": bench_prepare(args, work, tok)}
