@@ -42,3 +42,15 @@ def test_bench_decode_cache_sweep_times_both_paths_per_prompt_length(tmp_path):
     for row in rows.values():
         assert row["cache"]["forwards"] == row["recompute"]["forwards"] > 0  # the same decode, two paths
         assert row["recompute_over_cache"] == row["recompute"]["ms_per_forward"] / row["cache"]["ms_per_forward"]
+
+
+def test_bench_data_reports_throughput_storage_and_startup(tmp_path):
+    out = tmp_path / "data.json"
+    run("bench_data.py", "--prep-mb", "0.2", "--sizes", "2e5", "--row-len", "1024", "--out", str(out))
+    res = json.loads(out.read_text())
+    prep = res["prepare"]
+    assert prep["tokens"] > 0 and prep["tokens_per_s_1proc"] > 0 and prep["tokens_per_s_2proc"] > 0
+    assert 1.9 < prep["bytes_per_token"]["new"] < prep["bytes_per_token"]["old"]  # uint16 ids + offsets
+    assert prep["projection_600B"]["hours_one_node"] > 0
+    (row,) = res["startup"]
+    assert row["tokens"] == 200_000 and row["rows"] > 0 and row["read_row_ms"] > 0

@@ -1,4 +1,5 @@
 """Loader: exact resume, rank sharding, epoch reshuffle, mixture proportions, processed-data cache."""
+import copy
 import json
 
 import numpy as np
@@ -94,24 +95,25 @@ def test_mixture_batches_follow_weights(setup, tmp_path):
     assert abs(share_a - 0.25) < 0.05
 
 
-def test_processed_data_is_cached(setup, monkeypatch):
+def test_prepared_data_is_cached_and_serves_every_seq_len(setup, monkeypatch):
     cfg, tok = setup
     first = build_dataloaders(cfg, tok, batch_size=2)
 
     def boom(*a, **k):
-        raise AssertionError("re-tokenized although the packed rows are cached")
+        raise AssertionError("re-tokenized although the prepared tokens are cached")
 
-    with monkeypatch.context() as m:
-        m.setattr(packing_mod, "tokenize_records", boom)
-        second = build_dataloaders(cfg, tok, batch_size=2)
-        assert _same(next(first.train), next(second.train))
-        with pytest.raises(AssertionError, match="re-tokenized"):  # another seq_len: other packed rows
-            build_dataloaders(DataConfig(**{**cfg.__dict__, "seq_len": 48}), tok, batch_size=2)
-    # ... which are re-packed from the cached tokenized documents without running the tokenizer
-    monkeypatch.setattr(packing_mod, "tokenize_batch", boom)
+    monkeypatch.setattr(packing_mod, "tokenize_records", boom)
+    second = build_dataloaders(cfg, tok, batch_size=2)
+    assert _same(next(first.train), next(second.train))
+    # another seq_len (context extension) cuts other rows from the same stored tokens: nothing is re-tokenized
     longer = build_dataloaders(DataConfig(**{**cfg.__dict__, "seq_len": 48}), tok, batch_size=2)
     assert next(longer.train)["input_ids"].shape == (2, 48)
     assert longer.train.data.stats["stdlib"].tokens == first.train.data.stats["stdlib"].tokens
+    # the [MASK] token a TiDAR phase adds does not change the data key either
+    masked = copy.deepcopy(tok)
+    masked.add_special_tokens({"mask_token": "<|mask|>"})
+    assert _same(next(build_dataloaders(cfg, masked, batch_size=2).train), next(build_dataloaders(
+        cfg, tok, batch_size=2).train))
 
 
 def test_heldout_rows(setup):

@@ -105,3 +105,29 @@ def test_build_once_tolerates_a_concurrent_winner(tmp_path):
     assert [p.name for p in final.iterdir()] == ["theirs"]
     assert [p.name for p in tmp_path.iterdir()] == ["key"]  # our temporary folder is gone
     assert build_once(final, lambda tmp: pytest.fail("rebuilt an existing folder")) == final
+
+
+def test_compact_rows_equal_reference_packing_across_segments_and_gaps():
+    """Rows computed at read time from stored tokens (split over two segments, one with gaps between its
+    documents in the file, loss-mask spans) equal the reference packing of the same documents."""
+    from ar2diff.data.compact import Segment, TokenRows, mask_spans
+    from ar2diff.data.stats import DataStats
+
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 50, size=n) for n in rng.integers(1, 30, size=40)]
+    masks = [rng.random(len(d)) < 0.6 for d in docs]
+    ref_blocks = list(pack_documents(zip(docs, masks), 16, PAD))
+    ref = {k: np.concatenate([b[k] for b in ref_blocks]) for k in ref_blocks[0]}
+    first, second = docs[:25], docs[25:]
+    flat1 = np.concatenate(first).astype(np.uint16)
+    cum1 = np.r_[0, np.cumsum([len(d) for d in first])]
+    seg1 = Segment(flat1, cum1, None, mask_spans(np.concatenate(masks[:25]), 0))
+    gap_file = np.concatenate([np.r_[np.full(3, 7), d] for d in second]).astype(np.uint32)  # 3 junk ids per gap
+    cum2 = np.r_[0, np.cumsum([len(d) for d in second])]
+    starts2 = np.cumsum([3 + (len(second[i - 1]) if i else 0) for i in range(len(second))])
+    seg2 = Segment(gap_file, cum2, starts2, mask_spans(np.concatenate(masks[25:]), 0))
+    rows = TokenRows([seg1, seg2], 16, PAD, DataStats())
+    got = rows.rows(np.arange(len(rows)))
+    assert len(rows) == len(ref["input_ids"])
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

@@ -102,7 +102,7 @@ def test_pipeline_rerun_goes_straight_to_the_first_unfinished_phase(tmp_path, mo
     (plan[1][1] / "eval.json").write_text("{}")
     ran = []
 
-    def fake_run_phase(phase_cfg, phase_dir, group=None, overrides=None):
+    def fake_run_phase(phase_cfg, phase_dir, group=None, overrides=None, reference_data=None):
         ran.append(phase_dir.name)
         return PhaseResult(run_dir=phase_dir, export_dir=phase_dir / "export", summary={"phase": phase_cfg.phase})
 

@@ -24,9 +24,20 @@ def cache_root(cache_dir: str) -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Digest of everything about a tokenizer that changes the ids or the chat rendering."""
+    """Digest of everything about a tokenizer that changes the ids or the chat rendering.
+
+    The TiDAR [MASK] token that a phase adds (model/mask_token.py) is left out: it never occurs in data, so
+    data prepared with the base tokenizer serves every phase, before and after the mask token exists.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        mask = getattr(tokenizer, "mask_token", None)
+        spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t.get("content") != mask]
+        vocab = json.dumps(spec, sort_keys=True)
+    else:
+        vocab = json.dumps({k: v for k, v in tokenizer.get_vocab().items()
+                            if k != getattr(tokenizer, "mask_token", None)}, sort_keys=True)
     return digest([hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.chat_template,
                    tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id])
 

@@ -1,4 +1,7 @@
-"""Packed rows of all sources as one dataset, and the resumable, rank-sharded, infinite train iterator.
+"""Rows of all sources as one dataset, and the resumable, rank-sharded, infinite train iterator.
+
+Each source split is stored compactly (data/compact.py: token ids once, document boundaries, loss-mask spans)
+and its rows are computed when read, so one prepared source serves every seq_len.
 
 Mixture: an epoch is N draws, N = total train rows of all sources. Source i gets round(N * w_i / sum w)
 of them (largest remainder), its rows taken in a shuffled order that repeats (reshuffled) when a small
@@ -17,8 +20,9 @@ import datasets
 import numpy as np
 import torch
 
+from .compact import TokenRows
 from .config import DataConfig
-from .packing import SPLITS, build_packed_source, load_split
+from .prepare import SPLITS, check_inline, load_source
 from .stats import DataStats
 
 
@@ -44,12 +48,12 @@ def mixture_order(sizes: list[int], weights: list[float], seed: int, epoch: int)
 
 
 class PackedDataset:
-    """The packed rows of one split over all sources (memory-mapped Arrow), addressed by a global index:
-    source 0's rows first, then source 1's, ..."""
+    """The rows of one split over all sources (computed from memory-mapped compact storage), addressed by a
+    global index: source 0's rows first, then source 1's, ..."""
 
-    def __init__(self, parts: list[datasets.Dataset], names: list[str], weights: list[float],
-                 stats: dict[str, DataStats], seq_len: int):
-        self.parts, self.names, self.weights, self.stats, self.seq_len = parts, names, weights, stats, seq_len
+    def __init__(self, parts: list[TokenRows], names: list[str], weights: list[float], seq_len: int):
+        self.parts, self.names, self.weights, self.seq_len = parts, names, weights, seq_len
+        self.stats = {n: p.stats for n, p in zip(names, parts)}
         self.sizes = [len(p) for p in parts]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
@@ -74,7 +78,7 @@ class PackedDataset:
         part_of = np.searchsorted(self.offsets, idx, side="right") - 1
         for p in np.unique(part_of):
             where = np.nonzero(part_of == p)[0]
-            got = self.parts[p][(idx[where] - self.offsets[p]).tolist()]
+            got = self.parts[p].rows(idx[where] - self.offsets[p])
             for k in out:
                 out[k][where] = got[k]
         return {k: torch.from_numpy(v) for k, v in out.items()}
@@ -134,32 +138,54 @@ class DataLoaders:
     heldout: PackedDataset
 
 
-def prepare_data(cfg: DataConfig, tokenizer) -> list:
-    """Build (or find) every source's packed cache; returns the folders. Run on one rank, then barrier."""
+def prepare_data(cfg: DataConfig, tokenizer) -> None:
+    """Prepare (tokenize into compact files) or index every source that needs it. Run on one rank, then barrier.
+
+    Raises first if a source is too large to prepare here (see prepare.check_inline): run
+    `python -m ar2diff.data.prepare` for it before training.
+    """
     cfg.validate()
-    return [build_packed_source(cfg, src, tokenizer, f"data.sources[{i}]") for i, src in enumerate(cfg.sources)]
+    check_inline(cfg, tokenizer)
+    for i, src in enumerate(cfg.sources):
+        load_source(cfg, src, tokenizer, f"data.sources[{i}]", "train")
 
 
 def load_packed(cfg: DataConfig, tokenizer, split: str) -> PackedDataset:
-    """The packed `split` ("train" or "heldout") of all sources, building caches that are missing."""
+    """The rows of `split` ("train" or "heldout") of all sources, preparing sources that are missing."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
-    parts, stats = [], {}
-    for src, folder in zip(cfg.sources, prepare_data(cfg, tokenizer)):
-        ds, st = load_split(folder, split)
-        parts.append(ds)
-        stats[src.display_name()] = st
+    parts = []
+    for i, src in enumerate(cfg.sources):
+        segments, stats = load_source(cfg, src, tokenizer, f"data.sources[{i}]", split)
+        parts.append(TokenRows(segments, cfg.seq_len, tokenizer.pad_token_id, stats))
     return PackedDataset(parts, [s.display_name() for s in cfg.sources], [s.weight for s in cfg.sources],
-                         stats, cfg.seq_len)
+                         cfg.seq_len)
+
+
+def mixture_report(data: PackedDataset, budget_tokens: int, max_repeats: float) -> str:
+    """Per source: train tokens, share of the budget, the epochs of it the budget implies; a warning line for
+    every source repeated more than `max_repeats` times."""
+    total_w = float(sum(data.weights))
+    lines, warnings = [f"data mixture for a budget of {budget_tokens:,} tokens:"], []
+    for name, w, rows in zip(data.names, data.weights, data.sizes):
+        tokens = rows * data.seq_len
+        drawn = budget_tokens * w / total_w
+        epochs = drawn / max(tokens, 1)
+        lines.append(f"  {name}: {data.stats[name].tokens:,} train tokens ({rows:,} rows), weight {w:g} -> "
+                     f"{w / total_w:.1%} of the budget = {drawn:,.0f} tokens, {epochs:.2f} epochs")
+        if epochs > max_repeats:
+            warnings.append(f"WARNING: source {name!r} is repeated {epochs:.1f} times (> data.max_repeats="
+                            f"{max_repeats:g}); add data, lower its weight or the budget")
+    return "\n".join(lines + warnings)
 
 
 def build_dataloaders(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0,
                       world_size: int = 1) -> DataLoaders:
     """Train iterator for this rank (see module docstring for sharding) and the held-out rows.
 
-    Builds missing caches itself; with several ranks, call prepare_data on rank 0 (per node without a
-    shared filesystem) and barrier first, or every rank tokenizes (correct, since cache folders appear
-    atomically, but wasteful).
+    Prepares missing sources itself; with several ranks, call prepare_data on rank 0 (per node without a
+    shared filesystem) and barrier first, or every rank tokenizes (correct, since prepared folders appear
+    atomically, but wasteful). Large sources are prepared before training with `python -m ar2diff.data.prepare`.
     """
     train = TrainBatches(load_packed(cfg, tokenizer, "train"), batch_size, cfg.seed, rank, world_size)
     return DataLoaders(train=train, heldout=load_packed(cfg, tokenizer, "heldout"))

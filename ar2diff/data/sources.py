@@ -256,8 +256,12 @@ def source_fingerprint(src: SourceConfig, key: str = "data.sources[]") -> str:
     return digest([src.path, src.split])  # hub: name and split; the hub's own cache handles revisions
 
 
-def read_records(src: SourceConfig, cfg: DataConfig, key: str = "data.sources[]") -> datasets.Dataset:
-    """All records of one source, normalized (see module docstring), first `max_docs` only if set."""
+def read_records(src: SourceConfig, cfg: DataConfig, key: str = "data.sources[]",
+                 files: list[Path] | None = None) -> datasets.Dataset:
+    """All records of one source, normalized (see module docstring), first `max_docs` only if set.
+
+    `files` (kind=files): read only these of the source's files (a shard of a prepared source).
+    """
     hf_cache = str(cache_root(cfg.cache_dir) / "hf")
     features = CHAT_FEATURES if cfg.chat else TEXT_FEATURES
     if src.kind == "stdlib":
@@ -267,7 +271,7 @@ def read_records(src: SourceConfig, cfg: DataConfig, key: str = "data.sources[]"
     elif src.kind == "hub":
         ds = _normalize(datasets.load_dataset(src.path, split=src.split), src, cfg.chat, key)
     else:
-        files = resolve_files(src.path, f"{key}.path")
+        files = files if files is not None else resolve_files(src.path, f"{key}.path")
         fmt, names, fp = file_format(src, files), [str(f) for f in files], files_fingerprint(files)
         if fmt == "parquet":
             raw = datasets.load_dataset("parquet", data_files=names, split="train", cache_dir=hf_cache)

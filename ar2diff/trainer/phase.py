@@ -55,7 +55,9 @@ def seed_all(seed: int) -> None:
 def prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: int, dp_size: int):
     """Rank 0 tokenizes and packs (cached on disk); the others wait, then read the cache."""
     from ar2diff.data.loader import build_dataloaders, prepare_data as prepare
+    from ar2diff.data.prepare import check_inline
 
+    check_inline(cfg.data, tokenizer)  # every rank: data too large to prepare here fails before any rank waits
     if rank == 0:
         prepare(cfg.data, tokenizer)
     if dist.is_initialized():
@@ -80,6 +82,7 @@ class PhaseTrainer:
         from ar2diff.checkpoint import load_checkpoint, save_run_assets
         from ar2diff.model.params import count_params
         from ar2diff.checkpoint import find_latest_complete
+        from ar2diff.data.loader import mixture_report
         from ar2diff.data.report import report_sources
         from ar2diff.trainer.engine import build_engine
         from ar2diff.trainer.resume_config import check_resume_config
@@ -105,6 +108,7 @@ class PhaseTrainer:
                            export_dir=self.run_dir / "export")
         state.data = prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank,
                                   budget.data_parallel_size)
+        logger.print(mixture_report(state.data.train.data, budget.tokens, cfg.data.max_repeats))
         report_sources(state.data.train.data, state.data.heldout, budget.steps * cfg.budget.global_batch_size,
                        logger.print, ctx.rank)
         engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
