@@ -122,14 +122,11 @@ def save_router_load(per_layer: dict[str, dict[str, float]], path: str | Path, t
     ax.set_ylabel("load / uniform")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as PNG at `path` through a temporary name (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -162,7 +159,7 @@ def save_statistics_figures(result: dict, folder: str | Path) -> dict[str, Path]
             ax.set_xticks([i + width * (len(stats) - 1) / 2 for i in range(len(names))], names, fontsize=8)
         ax.set_ylabel("tokens per forward (95% CI)")
         ax.legend(fontsize=8)
-        out["tokens_per_forward_ci"] = _save(fig, folder / "tokens_per_forward_ci.png")
+        out["tokens_per_forward_ci"] = save_figure(fig, folder / "tokens_per_forward_ci.png")
     curve = result.get("agreement_curve")
     if curve:
         fig = Figure(figsize=(5, 3.2))
@@ -175,5 +172,5 @@ def save_statistics_figures(result: dict, folder: str | Path) -> dict[str, Path]
         ax.set_xlabel("block offset (1 = first verified draft)")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
-        out["agreement_curve"] = _save(fig, folder / "agreement_curve.png")
+        out["agreement_curve"] = save_figure(fig, folder / "agreement_curve.png")
     return out

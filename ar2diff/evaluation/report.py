@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ar2diff.atomic import write_json_atomic
+from ar2diff.decode.plots import save_figure as _save
 
 
 def _figure(size=(5.5, 3.6)):
@@ -21,15 +22,6 @@ def _figure(size=(5.5, 3.6)):
     fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
 
 
 def save_speedup_vs_passk(passk: dict, path: str | Path) -> Path:
