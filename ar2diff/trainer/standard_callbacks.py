@@ -206,7 +206,7 @@ class ProgressBar(Callback):
     def on_step_end(self, state: TrainState) -> None:
         if self.bar is None:
             return
-        loss = sum(float(t.loss) for t in state.step_terms) / max(1, len(state.step_terms))
+        loss = sum(float(t.loss.detach()) for t in state.step_terms) / max(1, len(state.step_terms))
         rate = (state.tokens_seen - self.tokens) / max(1e-9, time.time() - self.t)
         self.bar.set_postfix(tokens=f"{state.tokens_seen:,}", loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
         self.bar.update(1)
