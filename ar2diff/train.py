@@ -81,7 +81,8 @@ def plan_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) ->
     for i, phase in enumerate(cfg.pipeline):
         if phase.skip_if_base and base is not None:
             continue
-        overrides = [f"recipe={phase.recipe}", *phase.overrides, *passthrough]
+        shared = cfg.pipeline_overrides if phase.shared else []
+        overrides = [f"recipe={phase.recipe}", *shared, *phase.overrides, *passthrough]
         if previous is not None:
             overrides.append(f"model.path={previous}")
         try:

@@ -102,3 +102,22 @@ def test_budget_errors_name_the_key():
         plan_budget(1000, 128, 8, micro_batch_size=4, data_parallel_size=2)
     b = plan_budget(10**6, 128, 8, micro_batch_size=2, data_parallel_size=2)
     assert (b.grad_accum_steps, b.steps) == (2, -(-10**6 // 1024))
+
+
+def test_pipeline_overrides_reach_the_shared_phases_only(monkeypatch, tmp_path):
+    """The quickstart states its per-phase settings once (`pipeline_overrides`); ar_pretrain (shared: false) keeps
+    building from scratch, every TiDAR phase gets them before its own overrides."""
+    from types import SimpleNamespace
+
+    import ar2diff.train as T
+    from ar2diff.trainer import distributed
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1))
+    plan = T.plan_pipeline(compose(["recipe=quickstart"]), [], tmp_path)
+    (pre, _, pre_overrides), *tidar = plan
+    assert pre.model.config is not None and not any(o.startswith("model=hf") for o in pre_overrides)
+    for phase_cfg, _, overrides in tidar:
+        assert overrides[1:10] == compose(["recipe=quickstart"]).pipeline_overrides
+        assert (phase_cfg.model.attn_implementation, phase_cfg.objective.block_size, phase_cfg.decoder.num_prompts,
+                phase_cfg.deepspeed.zero_stage) == ("sdpa", 8, 24, compose(["deepspeed=cpu"]).deepspeed.zero_stage)
+    assert [p.data.seq_len for p, _, _ in tidar] == [256, 512, 256]

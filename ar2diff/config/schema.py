@@ -108,6 +108,7 @@ class PipelinePhase:
     recipe: str = ""
     overrides: list[str] = field(default_factory=list)
     skip_if_base: bool = False  # skipped when the user gives model.path (e.g. ar_pretrain in the quickstart)
+    shared: bool = True  # the pipeline's `pipeline_overrides` apply to this phase (before its own overrides)
 
 
 @dataclass
@@ -127,6 +128,8 @@ class PhaseConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     router_balance: RouterBalanceConfig = field(default_factory=RouterBalanceConfig)
     pipeline: list[PipelinePhase] = field(default_factory=list)
+    # overrides every pipeline phase with `shared: true` gets after its recipe and before its own overrides
+    pipeline_overrides: list[str] = field(default_factory=list)
     # Named inputs a pipeline recipe hands to its phases through interpolation, e.g. inputs.chat_data.
     inputs: dict[str, Any] = field(default_factory=dict)
 

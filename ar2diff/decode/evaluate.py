@@ -216,7 +216,10 @@ def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch
     cfgs = sampler_configs(dcfg, eos_id, block_size, dcfg.temperature)
     for cfg in cfgs.values():  # warm-up (lazy init, allocator) so the first timed sampler pays nothing extra
         run_decoder(tidar_lm, prompts[:1], replace(cfg, max_new_tokens=min(4, dcfg.max_new_tokens)))
-    results = {name: run_decoder(tidar_lm, prompts, cfg, tokenizer) for name, cfg in cfgs.items()}
+    from tqdm import tqdm
+
+    results = {name: run_decoder(tidar_lm, prompts, cfg, tokenizer)  # a bar: the check takes minutes at scale
+               for name, cfg in tqdm(cfgs.items(), desc="phase-end check: decoding", unit="sampler", leave=False)}
     ar_summary = summarize(results["ar"])
     shape = model_shape(tidar_lm.lm)
     num_templates = block_size if dcfg.levels is None else len(dcfg.levels)
