@@ -38,8 +38,11 @@ def write_run_record(run_dir: str | Path, cfg, overrides: list[str]) -> None:
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
-    write_text_atomic(run_dir / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    write_text_atomic(run_dir / OVERRIDES_NAME, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    for name, text in ((CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.structured(cfg))),
+                       (OVERRIDES_NAME, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))):
+        path = run_dir / name
+        if not (path.is_file() and path.read_text() == text):  # a re-run of the same command leaves it untouched
+            write_text_atomic(path, text)
 
 
 def sweep_job_dirname(job_overrides: list[str], argv: list[str] | None = None, job_num: int = 0) -> str:

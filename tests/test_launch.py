@@ -59,7 +59,9 @@ def run_script(tmp_path, hosts: list[str], script: Path = SCRIPT, extra_env=None
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "RCCL_", "HSA_", "HIP_", "WANDB_"))}
+    # the script forwards these prefixes from the caller's environment too: start from none of them (CI sets HF_*)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NCCL_", "RCCL_", "HSA_", "HIP_", "WANDB_", "HF_"))}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=":".join(pythonpath), STUB_LOG=str(log),
                PYTHON=sys.executable, MASTER_PORT="29731", **(extra_env or {}))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "DS_ENV_FILE"):

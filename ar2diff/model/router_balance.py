@@ -60,7 +60,9 @@ class LoadRecorder:
         def record(module, args, output):
             if self.training_only and not module.training:
                 return
-            choice = biased_choice(module, output[0]) if hasattr(module, "balancing_biases") else output[2]
+            choice = biased_choice(module, output[0]) if hasattr(module, "balancing_biases") else output[-1]
+            if choice.is_floating_point() or (choice.numel() and int(choice.max()) >= num_classes(module)):
+                return  # a router driven by expert parallelism (AutoEP) in another layout: its load is not counted
             counts = torch.bincount(choice.reshape(-1), minlength=num_classes(module)).to(torch.float64)
             self.counts[i] = counts if self.counts[i] is None else self.counts[i] + counts
         return record
