@@ -11,6 +11,7 @@ import subprocess
 import warnings
 
 SIGNAL_DEATH = re.compile(r"exitcode\s*:\s*-\d+|terminate called without an active exception")
+ROOT_CAUSE = re.compile(r"Root Cause.*?\brank\s*:\s*(\d+)", re.S)
 
 
 def run_ranks(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -20,3 +21,17 @@ def run_ranks(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         warnings.warn(f"a rank died by a signal; relaunching once: {(proc.stdout + proc.stderr)[-400:]}")
         proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return proc
+
+
+def failure_log(proc: subprocess.CompletedProcess, tail: int = 6000) -> str:
+    """What a failed launch printed, the root-cause rank's own traceback first.
+
+    Why: when one rank raises, every other rank fails with "Connection closed by peer" and torchrun's summary
+    follows; the tail of the output is then the peers' echoes, and the first failure (the one that matters) is
+    cut off. torchrun names the first failed rank under "Root Cause", and its lines carry a ``[rankN]:`` prefix.
+    """
+    text = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "[WARNING]" not in line)
+    found = ROOT_CAUSE.search(text)
+    own = [line for line in text.splitlines() if found and line.startswith(f"[rank{found.group(1)}]:")]
+    head = f"root-cause rank {found.group(1)}:\n" + "\n".join(own[-80:]) + "\n...\n" if own else ""
+    return f"launch failed ({proc.returncode}):\n{head}{text[-tail:]}"

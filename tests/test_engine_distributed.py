@@ -29,7 +29,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
 
 
 import dist_worker as worker  # noqa: E402  (tests/ is on sys.path, like tiny.py)
-from launch import run_ranks  # noqa: E402
+from launch import failure_log, run_ranks  # noqa: E402
 FP32 = {"precision": "fp32"}
 TWO_RANK_SPECS = [
     {"name": "zero2", "model": "llama", "engine": {**FP32, "zero_stage": 2, "micro_batch_size": 2}},
@@ -84,7 +84,7 @@ def two_rank_runs(tmp_path_factory) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "dist_worker.py"), "--specs", json.dumps(TWO_RANK_SPECS), "--out", str(out)]
     proc = run_ranks(command, cwd=REPO, env=env, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, failure_log(proc)
     return json.loads(out.read_text())
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ar2diff.checkpoint import export_model, is_complete_export, read_metadata
 from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME, ar2diff_version
 from ar2diff.export import export_checkpoint, main
-from launch import run_ranks  # noqa: E402
+from launch import failure_log, run_ranks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -33,7 +33,7 @@ def trained(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ckpt_worker.py"), "train-and-save", str(out)]
     proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure_log(proc)
     return out
 
 

@@ -27,7 +27,7 @@ from ar2diff.checkpoint import read_metadata, resolve_checkpoint
 from ar2diff.checkpoint.autoep import _edp_members, consolidate_autoep_checkpoint
 from ar2diff.export import consolidated_state_dict, main
 from ar2diff.model import TidarLM
-from launch import run_ranks  # noqa: E402
+from launch import failure_log, run_ranks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("autoep_worker", Path(__file__).with_name("autoep_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -40,8 +40,7 @@ def launch(out: Path, nproc: int, *cases: str) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / "tests" / "autoep_worker.py"), str(out), *cases]
     proc = run_ranks(cmd, cwd=REPO, env=W.CKPT.subprocess_env(), timeout=300)
-    log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "[WARNING]" not in line)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-8000:]}"
+    assert proc.returncode == 0, failure_log(proc)
     return out
 
 

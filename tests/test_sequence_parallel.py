@@ -20,7 +20,7 @@ from ar2diff.model.sequence_shard import extended_prev, plan_shard
 from ar2diff.trainer.distributed import LAUNCHER_ENV
 from ar2diff.trainer.sequence_parallel import check_heads, loss_scale
 
-from launch import run_ranks
+from launch import failure_log, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def launch(tmp_path, modes: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "sp_worker.py"), "--modes", modes, "--out", str(out)]
     proc = run_ranks(cmd, cwd=REPO, env=env, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, failure_log(proc)
     return json.loads(out.read_text())
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch import run_ranks
+from launch import failure_log, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def train_cmd(run_dir, cache, *extra, ranks=1):
 
 def run(cmd, timeout=300):
     proc = run_ranks(cmd, env=env(), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, failure_log(proc)
     return proc
 
 

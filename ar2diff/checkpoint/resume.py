@@ -208,14 +208,18 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None, *, verif
 
 
 def _hash_manifest(partial_dir: Path, hash_files: bool) -> dict:
-    """{name: {size, sha256}} for every file; hashing is shared out across ranks."""
+    """{name: {size, sha256}} for every file; the files are shared out across ranks.
+
+    No rank reads the folder after the gather: rank 0 renames it as soon as the gather returns on rank 0, while a
+    slower rank may still be returning from it (a rank once stat'ed a file after the rename, under load)."""
     names = run_on_rank0(_list_files, partial_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {n: _sha256(partial_dir / n) for n in names[rank::world]} if hash_files else {}
+    mine = {n: {"size": (partial_dir / n).stat().st_size, "sha256": _sha256(partial_dir / n) if hash_files else None}
+            for n in names[rank::world]}
     gathered: list = [None] * world
     all_gather_object(gathered, mine)
-    digests = {k: v for part in gathered for k, v in part.items()}
-    return {n: {"size": (partial_dir / n).stat().st_size, "sha256": digests.get(n)} for n in names}
+    entries = {k: v for part in gathered for k, v in part.items()}
+    return {n: entries[n] for n in names}
 
 
 def _client_summary(client_state: dict) -> dict:
