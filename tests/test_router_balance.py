@@ -143,3 +143,57 @@ def test_config_errors_name_the_key():
         RouterBalanceConfig(rule="p").validate()
     with pytest.raises(ValueError, match="router_balance.skip_share"):
         RouterBalanceConfig(skip_share=1.0).validate()
+
+
+class Collect:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, step, metrics, prefix=""):
+        self.logged.append(metrics)
+
+    def update_summary(self, summary):
+        pass
+
+
+def test_per_step_load_shows_balance_that_holds_only_over_the_window():
+    """Each step one expert takes every token, a different one each step (what biases that move faster than a flat
+    router's probabilities do): the window's shares are uniform, the per-step extremes are E and 0."""
+    lm = tiny_model("zaya")
+    bal = RouterBalancer(lm, RouterBalanceConfig(enabled=False))
+    routers, experts = len(bal.recorder.routers), bal.biased[0].num_experts
+    logger = Collect()
+    for step in range(1, experts + 1):
+        counts = torch.zeros(routers, experts + 1, dtype=torch.float64)
+        counts[:, step - 1] = 100.0
+        bal.global_counts = lambda device, c=counts: c
+        bal.after_step(step, logger, log_every=experts)
+    assert len(logger.logged) == 1
+    metrics = logger.logged[0]
+    assert metrics["max_load"] == pytest.approx(1.0) and metrics["min_load"] == pytest.approx(1.0)
+    assert metrics["step_max_load"] == pytest.approx(experts) and metrics["step_min_load"] == 0.0
+    assert metrics["layer0/step_max_load"] == pytest.approx(experts)
+
+
+def test_follow_lr_scales_the_update_by_the_schedules_decay():
+    from types import SimpleNamespace
+
+    from ar2diff.config.schedule import ScheduleConfig
+    from ar2diff.trainer.router_callback import rate_scale
+
+    def state(step, follow):
+        cfg = SimpleNamespace(router_balance=RouterBalanceConfig(follow_lr=follow),
+                              schedule=ScheduleConfig(name="cosine", lr=1e-3, min_lr=1e-4, warmup_fraction=0.1))
+        return SimpleNamespace(cfg=cfg, step=step, budget=SimpleNamespace(steps=100))
+
+    assert rate_scale(state(100, False)) == 1.0
+    assert rate_scale(state(3, True)) == 1.0  # warmup: the rate stays whole while the load moves most
+    assert rate_scale(state(100, True)) == pytest.approx(0.1)  # the last step: min_lr / lr
+    assert 0.1 < rate_scale(state(50, True)) < 1.0
+
+    lm = tiny_model("zaya")
+    bal = RouterBalancer(lm, RouterBalanceConfig(rule="sign", update_rate=0.01))
+    before = bal.biased[0].balancing_biases.clone()
+    bal.update([torch.tensor([0.1, -0.1, 0.1, -0.1], dtype=torch.float64)] * len(bal.biased), rate_scale=0.5)
+    delta = bal.biased[0].balancing_biases - before
+    assert delta[:4].tolist() == pytest.approx([0.005, -0.005, 0.005, -0.005])

@@ -13,6 +13,10 @@ kp, ki: weights of the proportional and integral terms of the "pid" rule. integr
 skip_share: the skip class. None (default): its bias stays as the checkpoint has it (-1 at initialisation, so it
     practically never wins) and the experts are balanced over the tokens routed to experts, target 1/E each.
     A number s in [0, 1): the skip class is balanced to a share s of all tokens, each expert to (1 - s)/E.
+follow_lr: scale the update rate by the model's current learning rate over its peak (`schedule.lr`), so the biases
+    settle as the schedule anneals (DeepSeek-V3 sets its update speed to 0 for its last 500B tokens). A constant
+    rate keeps the biases moving by ~update_rate a step to the end; where a router's probabilities vary across
+    tokens by less than that, its choice follows the biases, not the tokens.
 enabled: False leaves the biases untouched (the load metrics are still logged).
 """
 
@@ -33,6 +37,7 @@ class RouterBalanceConfig:
     integral_decay: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     skip_share: float | None = None
+    follow_lr: bool = False
 
     def validate(self) -> RouterBalanceConfig:
         if self.rule not in RULES:

@@ -16,7 +16,11 @@ step, from the load over the global batch (ZAYA1 report: a PID-controller-inspir
   update and two ranks equal one. error = target share - measured share (positive = under-loaded, raise the bias).
 - Metrics per layer: max_load / min_load (an expert's share as a multiple of the uniform share), load_ratio
   (max/min, a zero-token expert counted as one token), load_entropy (of the expert shares, / log E: 1 = uniform),
-  skip_share (ZAYA). They are computed over the tokens of a logging window.
+  skip_share (ZAYA). They are computed over the tokens of a logging window. step_max_load / step_min_load: the same
+  extremes per optimizer step, averaged over the window's steps. The two differ when the load is balanced only in
+  time: a router whose probabilities barely vary across tokens (tiny ZAYA's last layer after 245 steps: per-token
+  std ~1e-3) is steered wholesale by biases that move ~update_rate a step, so each step one expert takes nearly
+  every token, and a different one the next step. The window's shares look uniform, the per-step ones do not.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class RouterBalancer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.update_rate, betas=tuple(cfg.betas),
                                            weight_decay=0.0) if self.params and cfg.rule == "pid" else None
         self.window: torch.Tensor | None = None
+        self.step_extremes: torch.Tensor | None = None  # (routers, 3): sums of per-step max_load, min_load; steps
 
     def _balanced_classes(self, router: nn.Module) -> int:
         return router.num_experts if self.cfg.skip_share is None else router.num_experts + 1
@@ -148,8 +153,12 @@ class RouterBalancer:
         return out
 
     @torch.no_grad()
-    def update(self, errors: list[torch.Tensor | None]) -> None:
-        """Move the biases by the configured rule (the expert mean stays put when the skip class is left alone)."""
+    def update(self, errors: list[torch.Tensor | None], rate_scale: float = 1.0) -> None:
+        """Move the biases by the configured rule (the expert mean stays put when the skip class is left alone).
+        rate_scale multiplies the update rate (`follow_lr`: the model's current lr over its peak)."""
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.update_rate * rate_scale
         for p, router in zip(self.params, self.biased):
             p.copy_(router.balancing_biases[:p.numel()])
         if self.cfg.rule == "pid":
@@ -163,37 +172,55 @@ class RouterBalancer:
             self.optimizer.step()
             deltas = [p - b for p, b in zip(self.params, before)]
         else:
-            deltas = [torch.zeros_like(p) if err is None else self.cfg.update_rate * torch.sign(err).float()
+            deltas = [torch.zeros_like(p) if err is None else self.cfg.update_rate * rate_scale * torch.sign(err).float()
                       for p, err in zip(self.params, errors)]
         for p, delta, router in zip(self.params, deltas, self.biased):
             if self.cfg.skip_share is None:
                 delta = delta - delta.mean()
             router.balancing_biases[:p.numel()] += delta.to(router.balancing_biases)
 
-    def after_step(self, step: int, logger=None, log_every: int = 1, device=None) -> None:
+    def after_step(self, step: int, logger=None, log_every: int = 1, device=None, rate_scale: float = 1.0) -> None:
         """Count this step's routing over the group, update the biases, log the window's load every `log_every`."""
         device = device or (self.biased[0].balancing_biases.device if self.biased else "cpu")
         counts = self.global_counts(device)
         self.window = counts if self.window is None else self.window + counts
+        extremes = self._step_extremes(counts)
+        self.step_extremes = extremes if self.step_extremes is None else self.step_extremes + extremes
         if self.cfg.enabled and self.biased:
-            self.update(self.errors(counts))
+            self.update(self.errors(counts), rate_scale)
         if logger is not None and step % log_every == 0:
-            per_layer = self.metrics(self.window)
-            self.window = None
+            per_layer = self.metrics(self.window, self.step_extremes)
+            self.window = self.step_extremes = None
             if per_layer:
                 logger.log(step, flatten(per_layer), prefix="router")
                 logger.update_summary({"router_load": per_layer})
 
-    def metrics(self, counts_RC: torch.Tensor) -> dict[str, dict[str, float]]:
-        """{"layer<i>": load metrics} from (routers, classes) counts (routers in model order)."""
-        return {f"layer{i}": load_metrics(counts_RC[i], m.num_experts, hasattr(m, "balancing_biases"))
-                for i, (_, m) in enumerate(self.recorder.routers)}
+    def _step_extremes(self, counts_RC: torch.Tensor) -> torch.Tensor:
+        """(routers, 3): this step's max_load and min_load per router and a step count (zeros: no routed tokens)."""
+        out = torch.zeros(len(self.recorder.routers), 3, dtype=torch.float64)
+        for i, (_, m) in enumerate(self.recorder.routers):
+            one = load_metrics(counts_RC[i], m.num_experts, False)
+            if "max_load" in one:
+                out[i] = torch.tensor([one["max_load"], one["min_load"], 1.0], dtype=torch.float64)
+        return out
+
+    def metrics(self, counts_RC: torch.Tensor, step_extremes: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+        """{"layer<i>": load metrics} from (routers, classes) counts (routers in model order), plus the per-step
+        extremes averaged over the window's steps when given."""
+        out = {f"layer{i}": load_metrics(counts_RC[i], m.num_experts, hasattr(m, "balancing_biases"))
+               for i, (_, m) in enumerate(self.recorder.routers)}
+        if step_extremes is not None:
+            for i, (max_sum, min_sum, steps) in enumerate(step_extremes.tolist()):
+                if steps > 0:
+                    out[f"layer{i}"].update(step_max_load=max_sum / steps, step_min_load=min_sum / steps)
+        return out
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"integral": [t.clone() for t in self.integral],
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "window": None if self.window is None else self.window.clone()}
+                "window": None if self.window is None else self.window.clone(),
+                "step_extremes": None if self.step_extremes is None else self.step_extremes.clone()}
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore the controller (None: a checkpoint written before balancing existed; start it fresh)."""
@@ -204,6 +231,7 @@ class RouterBalancer:
                              f"{len(self.integral)}: the checkpoint belongs to another architecture")
         self.integral = [t.clone() for t in state["integral"]]
         self.window = None if state.get("window") is None else state["window"].clone()
+        self.step_extremes = None if state.get("step_extremes") is None else state["step_extremes"].clone()
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
 
@@ -216,6 +244,10 @@ def flatten(per_layer: dict[str, dict[str, float]]) -> dict[str, float]:
         out["max_load"] = max(m["max_load"] for m in layers)
         out["min_load"] = min(m["min_load"] for m in layers)
         out["load_ratio"] = max(m["load_ratio"] for m in layers)
+    stepped = [m for m in layers if "step_max_load" in m]
+    if stepped:
+        out["step_max_load"] = max(m["step_max_load"] for m in stepped)
+        out["step_min_load"] = min(m["step_min_load"] for m in stepped)
     return out
 
 
