@@ -54,3 +54,26 @@ def test_bench_data_reports_throughput_storage_and_startup(tmp_path):
     assert prep["projection_600B"]["hours_one_node"] > 0
     (row,) = res["startup"]
     assert row["tokens"] == 200_000 and row["rows"] > 0 and row["read_row_ms"] > 0
+
+
+def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
+    def eval_json(run, lossless, mixing):
+        phase = tmp_path / run / "1_tidar_midtrain"
+        phase.mkdir(parents=True)
+        tpf = {name: {"tpf": {"tokens_per_forward": (lo + hi) / 2, "low": lo, "high": hi}}
+               for name, (lo, hi) in (("ar", (1.0, 1.0)), ("lossless", lossless), ("mixing_0.5", mixing))}
+        diff = {"mixing_0.5": {"difference": 0.1, "low": 0.0, "high": 0.2}}
+        stats = {"temperature_0": {"samplers": tpf, "mixing_minus_lossless": diff}}
+        (phase / "eval.json").write_text(json.dumps({"statistics": stats}))
+        return str(tmp_path / run)
+
+    a = eval_json("a", (1.2, 1.6), (1.4, 1.9))
+    b = eval_json("b", (1.5, 1.8), (1.5, 2.0))
+    c = eval_json("c", (1.7, 2.0), (1.5, 2.0))  # lossless disjoint from a's
+    out = tmp_path / "cmp.json"
+    run("compare_seeds.py", a, b, "--out", str(out))
+    rows = {r["quantity"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"TPF lossless", "TPF mixing_0.5", "mixing_0.5 - lossless"}  # ar is never compared
+    assert all(r["overlap"] for r in rows.values())
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "compare_seeds.py"), a, c], capture_output=True, text=True)
+    assert proc.returncode == 1 and "| TPF lossless | 1.40 [1.20, 1.60] | 1.85 [1.70, 2.00] | NO |" in proc.stdout

@@ -1,0 +1,75 @@
+"""Is the phase-end TPF measurement reproducible across training seeds? Compares the decoder checks of two or more
+pipeline runs of the same recipe (e.g. the quickstart with `seed=1 model.init_seed=1 data.seed=1`).
+
+For every phase, temperature and sampler it prints each run's tokens-per-forward with its bootstrap interval
+(`eval.json` -> statistics) and whether the intervals of all runs overlap; and the same for the mixing - lossless
+difference. Exit status 1 when any TPF interval pair is disjoint: the measurement would then tell the seeds apart,
+not the samplers.
+
+    python scripts/compare_seeds.py RUN_SEED0 RUN_SEED1 [--out compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def overlap(intervals: list[tuple[float, float]]) -> bool:
+    """True when every pair of [low, high] intervals shares a point."""
+    return max(low for low, _ in intervals) <= min(high for _, high in intervals)
+
+
+def phase_evals(run: Path) -> dict[str, dict]:
+    """{phase folder name: eval.json} of a pipeline run folder (phases without a decoder check left out)."""
+    out = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("*/eval.json"))}
+    if not out:
+        raise SystemExit(f"{run}: no <phase>/eval.json (is it a pipeline run folder with the decoder check on?)")
+    return out
+
+
+def compare(runs: list[Path]) -> list[dict]:
+    """One row per (phase, temperature, quantity) present in every run."""
+    evals = [phase_evals(r) for r in runs]
+    rows = []
+    for phase in sorted(set.intersection(*(set(e) for e in evals))):
+        stats = [e[phase].get("statistics", {}) for e in evals]
+        for temp in sorted(set.intersection(*(set(s) for s in stats))):
+            for sampler in sorted(set.intersection(*(set(s[temp]["samplers"]) for s in stats)) - {"ar"}):
+                tpf = [s[temp]["samplers"][sampler]["tpf"] for s in stats]
+                rows.append({"phase": phase, "temperature": temp, "quantity": f"TPF {sampler}",
+                             "values": [t["tokens_per_forward"] for t in tpf],
+                             "intervals": [(t["low"], t["high"]) for t in tpf],
+                             "overlap": overlap([(t["low"], t["high"]) for t in tpf])})
+            for name in sorted(set.intersection(*(set(s[temp].get("mixing_minus_lossless", {})) for s in stats))):
+                diff = [s[temp]["mixing_minus_lossless"][name] for s in stats]
+                rows.append({"phase": phase, "temperature": temp, "quantity": f"{name} - lossless",
+                             "values": [d["difference"] for d in diff],
+                             "intervals": [(d["low"], d["high"]) for d in diff],
+                             "overlap": overlap([(d["low"], d["high"]) for d in diff])})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="pipeline run folders (two or more)")
+    p.add_argument("--out", type=Path, default=None, help="JSON results file")
+    args = p.parse_args(argv)
+    if len(args.runs) < 2:
+        p.error("give at least two run folders")
+    rows = compare(args.runs)
+    print("| phase | T | quantity | " + " | ".join(r.name for r in args.runs) + " | overlap |")
+    print("|---|---|---|" + "---|" * len(args.runs) + "---|")
+    for row in rows:
+        cells = [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, (lo, hi) in zip(row["values"], row["intervals"])]
+        print(f"| {row['phase']} | {row['temperature'].removeprefix('temperature_')} | {row['quantity']} | "
+              + " | ".join(cells) + f" | {'yes' if row['overlap'] else 'NO'} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["overlap"] for r in rows if r["quantity"].startswith("TPF")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
