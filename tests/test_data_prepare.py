@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ar2diff.data import DataConfig, SourceConfig, get_tokenizer, load_packed, mixture_report, prepare_data
+from ar2diff.data import DataConfig, SourceConfig, get_tokenizer, load_packed, prepare_data
+from ar2diff.data.report import report_sources
 from ar2diff.data import packing as packing_mod
 from ar2diff.data.prepare import main, prepare_all, prepared_root
 from ar2diff.data.sources import read_stdlib_file, stdlib_files
@@ -102,13 +103,16 @@ def test_large_unprepared_source_is_refused_before_ranks_wait(setup):
     prepare_data(c, tok)
 
 
-def test_mixture_report_warns_on_repeats(setup):
+def test_source_report_gives_budget_shares_and_warns_on_repeats(setup):
     cfg, tok, root = setup
     c = DataConfig(**{**cfg.__dict__, "cache_dir": str(root / "one-jsonl"), "sources": [
         SourceConfig(kind="files", path=str(root / "jsonl" / "part0.jsonl"), name="small", weight=1.0),
         SourceConfig(kind="files", path=str(root / "jsonl"), name="corpus", weight=1.0)]}).validate()
-    data = load_packed(c, tok, "train")
-    small_tokens = data.sizes[0] * c.seq_len
-    text = mixture_report(data, budget_tokens=10 * small_tokens, max_repeats=4.0)
-    assert "small: " in text and "50.0% of the budget" in text and "5.00 epochs" in text
-    assert "WARNING: source 'small' is repeated 5.0 times" in text and "'corpus' is repeated" not in text
+    train, heldout = load_packed(c, tok, "train"), load_packed(c, tok, "heldout")
+    lines: list[str] = []
+    warnings = report_sources(train, heldout, budget_rows=10 * train.sizes[0], max_repeats=4.0,
+                              print_fn=lines.append)
+    small = next(line for line in lines if line.startswith("[data] small: "))
+    assert "50.0% of the budget, 5.00 epochs" in small
+    assert len(warnings) == 1 and warnings[0].startswith("data source small: the budget goes over its")
+    assert "5.0 times (> data.max_repeats=4)" in warnings[0]

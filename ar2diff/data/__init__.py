@@ -11,7 +11,7 @@ Names load on first use, so `ar2diff.data.config` (plain dataclasses) imports no
 _EXPORTS = {
     "DataConfig": "config", "SourceConfig": "config",
     "DataLoaders": "loader", "PackedDataset": "loader", "TrainBatches": "loader", "build_dataloaders": "loader",
-    "heldout_rows": "loader", "load_packed": "loader", "mixture_order": "loader", "mixture_report": "loader",
+    "heldout_rows": "loader", "load_packed": "loader", "mixture_order": "loader",
     "prepare_data": "loader", "TokenRows": "compact", "prepare_all": "prepare",
     "pack_documents": "packing", "rows_from_stream": "packing",
     "TemplateError": "sft", "encode_chat": "sft",

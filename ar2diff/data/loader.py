@@ -162,23 +162,6 @@ def load_packed(cfg: DataConfig, tokenizer, split: str) -> PackedDataset:
                          cfg.seq_len)
 
 
-def mixture_report(data: PackedDataset, budget_tokens: int, max_repeats: float) -> str:
-    """Per source: train tokens, share of the budget, the epochs of it the budget implies; a warning line for
-    every source repeated more than `max_repeats` times."""
-    total_w = float(sum(data.weights))
-    lines, warnings = [f"data mixture for a budget of {budget_tokens:,} tokens:"], []
-    for name, w, rows in zip(data.names, data.weights, data.sizes):
-        tokens = rows * data.seq_len
-        drawn = budget_tokens * w / total_w
-        epochs = drawn / max(tokens, 1)
-        lines.append(f"  {name}: {data.stats[name].tokens:,} train tokens ({rows:,} rows), weight {w:g} -> "
-                     f"{w / total_w:.1%} of the budget = {drawn:,.0f} tokens, {epochs:.2f} epochs")
-        if epochs > max_repeats:
-            warnings.append(f"WARNING: source {name!r} is repeated {epochs:.1f} times (> data.max_repeats="
-                            f"{max_repeats:g}); add data, lower its weight or the budget")
-    return "\n".join(lines + warnings)
-
-
 def build_dataloaders(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0,
                       world_size: int = 1) -> DataLoaders:
     """Train iterator for this rank (see module docstring for sharding) and the held-out rows.

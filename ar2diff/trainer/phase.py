@@ -82,7 +82,6 @@ class PhaseTrainer:
         from ar2diff.checkpoint import load_checkpoint, save_run_assets
         from ar2diff.model.params import count_params
         from ar2diff.checkpoint import find_latest_complete
-        from ar2diff.data.loader import mixture_report
         from ar2diff.data.report import report_sources
         from ar2diff.trainer.engine import build_engine
         from ar2diff.trainer.resume_config import check_resume_config
@@ -108,9 +107,8 @@ class PhaseTrainer:
                            export_dir=self.run_dir / "export")
         state.data = prepare_data(cfg, tokenizer, ctx.rank, budget.micro_batch_size, dp_rank,
                                   budget.data_parallel_size)
-        logger.print(mixture_report(state.data.train.data, budget.tokens, cfg.data.max_repeats))
         report_sources(state.data.train.data, state.data.heldout, budget.steps * cfg.budget.global_batch_size,
-                       logger.print, ctx.rank)
+                       cfg.data.max_repeats, logger.print, ctx.rank)
         engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
         state.engine = build_engine(objective, engine_cfg, cfg.schedule, budget.steps)
         state.extra["params"] = params
