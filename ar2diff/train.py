@@ -189,7 +189,10 @@ def main() -> None:
     """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
     flags = [a for a in sys.argv[1:] if a.startswith("-")]
     sys.argv[1:] = flags + search_path_override([a for a in sys.argv[1:] if not a.startswith("-")])
-    hydra_main()
+    from ar2diff.cli_errors import hydra_errors_in_one_line
+
+    with hydra_errors_in_one_line("ar2diff.train"):  # an unknown key, a bad option, a malformed override
+        hydra_main()
 
 
 if __name__ == "__main__":
