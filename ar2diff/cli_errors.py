@@ -26,6 +26,17 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def disk_full_anywhere(err: OSError, folder: str | None = None) -> OSError:
+    """A full disk met outside a checkpoint save, as a DiskFull naming the file (or, when the OS error names none,
+    the run folder `folder`); any other OSError is re-raised."""
+    from ar2diff.checkpoint.integrity import disk_full_while_writing, is_disk_full
+
+    target = err.filename or folder
+    if not is_disk_full(err, target):
+        raise err
+    return disk_full_while_writing(target, under=err.filename is None)
+
+
 def report(prog: str, err: BaseException, rank: int | None = None) -> int:
     """Print `prog: error: <one line>` to stderr on rank 0 and return the exit status (1)."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank

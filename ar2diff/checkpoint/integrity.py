@@ -101,3 +101,12 @@ def disk_full_error(folder: str | Path, previous: str | None) -> DiskFull:
     keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return DiskFull(errno.ENOSPC, f"disk full while saving {folder} ({free:,} bytes free); {keep}. Free space "
                     "(or lower trainer.keep_last) and re-run the same command to resume")
+
+
+def disk_full_while_writing(path: str | Path | None, under: bool = False) -> DiskFull:
+    """The one-line error for a write outside a checkpoint save that ran out of space (`under`: `path` is the
+    folder written into, not the file)."""
+    where = f" while writing {'under ' if under else ''}{path}" if path else ""
+    free = f" ({shutil.disk_usage(_existing(Path(path))).free:,} bytes free)" if path else ""
+    return DiskFull(errno.ENOSPC, f"disk full{where}{free}; complete checkpoints are kept. Free space and re-run "
+                    "the same command to resume")
