@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,31 @@ def test_zero0_checkpoint_exports_the_module_weights(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(export_checkpoint(tmp_path, tmp_path / "export"))
     trained = dict(engine.module.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())
+
+
+def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once_and_keeps_the_previous_checkpoint(tmp_path):
+    """2 gloo ranks; rank 1 alone fails step 2's save. Before: rank 0 waited in the save's barrier until the
+    process-group timeout. Now every rank raises the same error naming rank 1, the partial save is removed and
+    step 1 still verifies and resumes."""
+    from launch import failure_log, run_ranks
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ckpt_worker.py"), "fail-on-rank-1", str(tmp_path)]
+    proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=120)  # a hang would take the 10-minute timeout
+    assert proc.returncode == 0, failure_log(proc)
+    results = [json.loads((tmp_path / f"result_rank{r}.json").read_text()) for r in (0, 1)]
+    partial = tmp_path / "step_00000002.partial"
+    step1 = tmp_path / "step_00000001"
+    for case in ("enospc_deepspeed", "enospc_rng"):
+        [(kind, text)] = {(r[case]["raised"]["type"], r[case]["raised"]["text"]) for r in results}  # same on both
+        assert kind == "DiskFull", case
+        assert re.fullmatch(rf"\[Errno 28\] disk full on rank 1 while saving {re.escape(str(partial))} \([\d,]+ bytes "
+                            rf"free\); the previous checkpoint {re.escape(str(step1))} is intact\. Free space .*", text)
+    raised = {(r["other_deepspeed"]["raised"]["type"], r["other_deepspeed"]["raised"]["text"]) for r in results}
+    assert raised == {("RuntimeError", f"saving checkpoint {partial} failed on rank 1: RuntimeError: injected write "
+                                       f"failure; the previous checkpoint {step1} is intact")}
+    for r in results:
+        for case in ("enospc_deepspeed", "enospc_rng", "other_deepspeed"):
+            assert r[case]["latest"] == 1 and not r[case]["partial"], case
+        assert r["resumed"] == {"tokens_seen": 24, "data_position": 1}
+        assert r["after"] == 2
