@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 from ar2diff.checkpoint.integrity import DiskFull
 from ar2diff.trainer.faults import NonFiniteError
 from ar2diff.trainer.run_lock import RunLocked
 
+RANK0_GRACE_S = 20.0
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, DiskFull, RunLocked, NonFiniteError)
 
@@ -42,6 +44,10 @@ def report(prog: str, err: BaseException, rank: int | None = None) -> int:
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     if rank == 0:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun stops every rank as soon as one exits: give rank 0 (which may still be finishing W&B) the time to
+        # print the line; once rank 0 exits, torchrun ends this wait too
+        time.sleep(RANK0_GRACE_S)
     return 1
 
 

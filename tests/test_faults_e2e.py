@@ -164,3 +164,23 @@ def test_a_disk_filled_by_another_writer_while_wandb_runs_gives_one_line(small_d
     assert proc.returncode == 1, err[-3000:]
     [line] = quiet_stderr(proc)
     assert line.startswith(f"ar2diff.train: error: disk full while writing under {run_dir}"), line
+
+
+def test_disk_full_under_torchrun_is_one_line_from_rank_0_and_no_rank_waits(small_disk, cache):
+    """Two ranks share the small disk: the save fails on one or both; both stop at once (not after the process-group
+    timeout) and the user reads one line, from rank 0, naming the failed rank(s)."""
+    from ar2diff.checkpoint.resume import find_latest_complete
+
+    run_dir = small_disk / "run"
+    started = time.time()
+    proc = subprocess.run(train_cmd(run_dir, cache, "budget.tokens=2048", "trainer.ckpt_every=2",
+                                    "logger=wandb_offline", ranks=2), env=env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and time.time() - started < 180, proc.stderr[-3000:]
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "ar2diff.train: error:" in line]
+    assert len(ours) == 1 and re.search(r"error: disk full on rank [01](, 1)? while saving .*step_00000004\.partial",
+                                        ours[0]), ours
+    assert "step_00000002 is intact" in ours[0]
+    assert "--- Logging error ---" not in proc.stderr and "[rank0]:" not in proc.stderr
+    assert find_latest_complete(run_dir / "checkpoints", verify="hash").step == 2
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
