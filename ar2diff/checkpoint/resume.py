@@ -269,13 +269,17 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
 def _write_rank_files(engine, root: Path, partial_dir: Path, client_state: dict) -> Exception | None:
     """This rank's share of the save (DeepSpeed's files, then its RNG state); None, or the error it met.
 
-    A rank whose write fails inside DeepSpeed's save still enters the barrier DeepSpeed ends its save with (on the
-    default group), where the other ranks are by then: in every non-MoE ZeRO 0-3 save the failing write is this
-    rank's last step before that barrier (optimizer and module state dicts are built without collectives). Without
-    it they would wait there until the process-group timeout."""
+    A rank whose write fails inside DeepSpeed's save still runs the collectives DeepSpeed's save ends with, which the
+    other ranks are in by then; without them they would wait there until the process-group timeout. In DeepSpeed
+    0.19.8 those are the optimizer's checkpoint epilogue (ZeRO-3 re-gathers its persistent parameters) and a barrier
+    on the default group: module, optimizer and expert state dicts are built locally and no other collective runs
+    between the first file write and the end of the save (ZeRO 0-3, native MoE and AutoEP alike)."""
     try:
         engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
     except Exception as err:  # reported on every rank by save_checkpoint
+        epilogue = getattr(engine.optimizer, "checkpoint_event_epilogue", None)
+        if epilogue is not None:
+            epilogue()
         dist.barrier()
         return err
     try:
