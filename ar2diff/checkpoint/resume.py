@@ -273,7 +273,8 @@ def _write_rank_files(engine, root: Path, partial_dir: Path, client_state: dict)
     other ranks are in by then; without them they would wait there until the process-group timeout. In DeepSpeed
     0.19.8 those are the optimizer's checkpoint epilogue (ZeRO-3 re-gathers its persistent parameters) and a barrier
     on the default group: module, optimizer and expert state dicts are built locally and no other collective runs
-    between the first file write and the end of the save (ZeRO 0-3, native MoE and AutoEP alike)."""
+    between the first file write and the end of the save (read for ZeRO 0-3 and the MoE path; tested at ZeRO-1 and
+    ZeRO-3 in tests/test_checkpoint.py)."""
     try:
         engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
     except Exception as err:  # reported on every rank by save_checkpoint
