@@ -1,18 +1,23 @@
 """One line per user-facing error, printed once (by global rank 0), no traceback.
 
 The command-line entry points catch the errors a user can cause (a config value, a file, a busy run folder, a full
-disk, a diverged run) and hand them here; anything else is a bug and keeps its traceback.
+disk, a diverged run) and hand them here; anything else is a bug and keeps its traceback. Hydra's own composition
+errors (an unknown key, a missing group option, an override it cannot parse) take the same path through
+`hydra_errors_in_one_line`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 
 from ar2diff.checkpoint.integrity import DiskFull
 from ar2diff.trainer.faults import NonFiniteError
 from ar2diff.trainer.run_lock import RunLocked
 
+RANK0_GRACE_S = 20.0
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, DiskFull, RunLocked, NonFiniteError)
 
@@ -23,9 +28,82 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def disk_full_anywhere(err: OSError, folder: str | None = None) -> OSError:
+    """A full disk met outside a checkpoint save, as a DiskFull naming the file (or, when the OS error names none,
+    the run folder `folder`); any other OSError is re-raised."""
+    from ar2diff.checkpoint.integrity import disk_full_while_writing, is_disk_full
+
+    target = err.filename or folder
+    if not is_disk_full(err, target):
+        raise err
+    return disk_full_while_writing(target, under=err.filename is None)
+
+
 def report(prog: str, err: BaseException, rank: int | None = None) -> int:
     """Print `prog: error: <one line>` to stderr on rank 0 and return the exit status (1)."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     if rank == 0:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun stops every rank as soon as one exits: give rank 0 (which may still be finishing W&B) the time to
+        # print the line; once rank 0 exits, torchrun ends this wait too
+        time.sleep(RANK0_GRACE_S)
     return 1
+
+
+OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic"
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's (or OmegaConf's) composition error as one line naming the override, key or missing option.
+
+    Hydra's own text spreads over several lines (the search path, the option list, OmegaConf's full_key /
+    reference_type block); the facts a user needs are kept: the override or key, the reason, the options."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, OverrideParseException):
+        detail = lines[0] if lines else "invalid syntax"
+        if detail.startswith("Error parsing override") and len(lines) > 2:  # "Error parsing override 'X'" + reason
+            detail = lines[1]
+        if detail.startswith("LexerNoViableAltException:") and len(lines) > 1:  # "PREFIX: <override>" + a caret line
+            column = str(err).splitlines()[1].index("^") - len("LexerNoViableAltException: ")
+            detail = f"unexpected character at column {column + 1}"
+        return f"cannot parse the override {err.override!r}: {detail}; see {OVERRIDE_GRAMMAR}"
+    if isinstance(err, MissingConfigException):
+        head = lines[0] if lines else f"could not find {err.missing_cfg_file!r}"
+        if err.options and err.missing_cfg_file:
+            group = err.missing_cfg_file.rsplit("/", 1)[0]
+            return f"{head}; available options in '{group}': {', '.join(err.options)}"
+        return head
+    head, hints = (lines[0].rstrip(".") if lines else type(err).__name__), lines[1:]
+    if not isinstance(err, OmegaConfBaseException):  # Hydra's text, then the first line of OmegaConf's reason
+        cause = err.__cause__ or err.__context__
+        if cause is not None and str(cause).strip():
+            head += f": {str(cause).strip().splitlines()[0]}"
+    else:
+        hints = [h for h in hints if not h.startswith(("full_key:", "reference_type=", "object_type="))]
+    return "; ".join([head, *(h[:1].lower() + h[1:] for h in hints)])
+
+
+@contextlib.contextmanager
+def hydra_errors_in_one_line(prog: str):
+    """Around `@hydra.main`: a composition error exits 1 with one line on rank 0 (other ranks exit 1 silently).
+
+    `@hydra.main` prints its errors itself, over several lines and on every rank, unless HYDRA_FULL_ERROR is set,
+    in which case it re-raises them. It is set here so the error reaches us; a user who set HYDRA_FULL_ERROR gets
+    Hydra's full traceback as before. Any other exception propagates with its traceback (a bug)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        yield
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as err:
+        sys.exit(report(prog, RuntimeError(hydra_error_line(err))))
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -6,12 +6,25 @@ the W&B calls go to a no-op stand-in.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ar2diff.atomic import write_json_atomic
+
+
+def configure_cli_logging() -> None:
+    """Console logging for a command-line run: warnings from every library, ar2diff's own INFO lines.
+
+    A log handler that cannot write (W&B's debug.log sits in the run folder, so a full disk breaks it) drops the
+    record instead of printing Python's ~40-line "--- Logging error ---" block per record; the run's own error
+    (e.g. the one-line disk-full message) stays the only thing the user reads. This is the setting the logging
+    docs recommend for production (`logging.raiseExceptions`)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ar2diff").setLevel(logging.INFO)
+    logging.raiseExceptions = False
 
 
 class _NoRun:
@@ -75,8 +88,24 @@ class RunLogger:
             if isinstance(v, (int, float, str)):
                 self.run.summary[k] = v
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int | None = None) -> None:
+        """Finish the W&B run (once; later calls do nothing)."""
+        run, self.run = self.run, _NoRun()
+        run.finish(exit_code=exit_code)
+
+    def close(self) -> None:
+        """After the phase, also after a failure: finish W&B if the phase did not (the run is marked failed). W&B's
+        own files sit in the run folder; when the disk is full it cannot write them, and that is not reported a
+        second time: the error on its way (e.g. the one-line disk-full message) already says so."""
+        from ar2diff.checkpoint.integrity import is_disk_full
+
+        if isinstance(self.run, _NoRun):
+            return
+        try:
+            self.finish(exit_code=1)
+        except OSError as err:
+            if not is_disk_full(err, self.run_dir):
+                raise
 
 
 def _fmt(v) -> str:

@@ -164,15 +164,17 @@ NO_RECIPE = """python -m ar2diff.train needs a recipe (or overrides saying what 
 def hydra_main(dict_cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ar2diff").setLevel(logging.INFO)
-    from ar2diff.cli_errors import USER_ERRORS, report
+    from ar2diff.cli_errors import USER_ERRORS, disk_full_anywhere, report
+    from ar2diff.logging import configure_cli_logging
     from ar2diff.trainer.faults import Preempted
+
+    configure_cli_logging()  # also: a log file on a full disk (W&B's debug.log) prints nothing
 
     hydra_cfg = HydraConfig.get()
     task = list(hydra_cfg.overrides.task)
     if not task:
         raise SystemExit(NO_RECIPE)
+    cfg = None
     try:
         cfg = to_phase_config(dict_cfg)
         if hydra_cfg.mode.name == "MULTIRUN":  # the sweep folder (run_dir= or a new one) holds multirun.yaml + jobs
@@ -183,13 +185,18 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         sys.exit(0)
     except USER_ERRORS as err:  # one line, once (rank 0), no traceback
         sys.exit(report("ar2diff.train", err))
+    except OSError as err:  # a full disk outside a checkpoint save (run record, exports, logs): one line too
+        sys.exit(report("ar2diff.train", disk_full_anywhere(err, cfg.run_dir if cfg else None)))
 
 
 def main() -> None:
     """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
     flags = [a for a in sys.argv[1:] if a.startswith("-")]
     sys.argv[1:] = flags + search_path_override([a for a in sys.argv[1:] if not a.startswith("-")])
-    hydra_main()
+    from ar2diff.cli_errors import hydra_errors_in_one_line
+
+    with hydra_errors_in_one_line("ar2diff.train"):  # an unknown key, a bad option, a malformed override
+        hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/ckpt_worker.py train-and-save OUT   # ZeRO-1/2/3 checkpoints + expectations
     python tests/ckpt_worker.py crash-mid-save ROOT                       # step 1 complete, dies inside step 2's save
+    torchrun --nproc_per_node 2 tests/ckpt_worker.py fail-on-rank-1 ROOT  # step 2's save fails on rank 1 only
 
 Tiny models are built from configs; the tokenizer is a word-level one made here (no downloads).
 """
@@ -209,10 +210,75 @@ def crash_mid_save(root: Path) -> None:
     sys.exit("unreachable: the save should have died")
 
 
+@contextlib.contextmanager
+def failing_torch_save(error: Exception, only: str = ""):
+    """torch.save raises `error` for files whose name starts with `only` (every file when empty)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(str(f)).name.startswith(only):
+            raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real_save
+
+
+def fail_on_rank_1(out: Path) -> None:
+    """Per ZeRO stage (1, and 3 with its parameter re-gather after a save): step 1 saved; then step 2's save fails
+    on rank 1 only, three ways: out of disk inside DeepSpeed's save (its optimizer shard), out of disk writing its
+    RNG file, another error inside DeepSpeed's save. Every rank records the error it raised and what it then finds
+    on disk; finally step 2 saves normally (the groups still work). Results: OUT/stage{s}/result_rank{r}.json."""
+    import errno
+    import json
+
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from ar2diff.checkpoint import load_checkpoint, save_checkpoint
+    from ar2diff.checkpoint.resume import find_latest_complete
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    cases = {"enospc_deepspeed": (OSError(errno.ENOSPC, "No space left on device"), ""),
+             "enospc_rng": (OSError(errno.ENOSPC, "No space left on device"), "rng_state"),
+             "other_deepspeed": (RuntimeError("injected write failure"), "")}
+    for stage in (1, 3):
+        root = out / f"stage{stage}"
+        seed_all(0)
+        engine = make_engine(tiny_model("llama", seed=0), stage=stage)
+        train_steps(engine, 1)
+        save_checkpoint(engine, root, step=1, client_state={"tokens_seen": 24, "data_position": 1})
+        train_steps(engine, 1)
+        result = {}
+        for name, (error, only) in cases.items():
+            with failing_torch_save(error, only) if rank == 1 else contextlib.nullcontext():
+                try:
+                    save_checkpoint(engine, root, step=2, client_state={"tokens_seen": 48, "data_position": 2})
+                    raised = None
+                except Exception as err:
+                    raised = {"type": type(err).__name__, "text": str(err)}
+            dist.barrier()
+            latest = find_latest_complete(root, verify="hash")
+            result[name] = {"raised": raised, "latest": latest.step if latest else None,
+                            "partial": (root / "step_00000002.partial").exists()}
+            dist.barrier()  # no rank starts the next save (which creates the .partial folder) before all have looked
+        fresh = make_engine(tiny_model("llama", seed=5), stage=stage)
+        result["resumed"] = load_checkpoint(fresh, root)
+        save_checkpoint(engine, root, step=2, client_state={"tokens_seen": 48, "data_position": 2})
+        result["after"] = find_latest_complete(root, verify="hash").step
+        (root / f"result_rank{rank}.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     mode, target = sys.argv[1], Path(sys.argv[2])
     if mode == "train-and-save":
         train_and_save(target)
+    elif mode == "fail-on-rank-1":
+        fail_on_rank_1(target)
     elif mode == "crash-mid-save":
         os.environ.update(single_process_env(free_port()))
         crash_mid_save(target)

@@ -6,7 +6,9 @@ under test, so such a launch is repeated once; a rank that fails with a Python e
 an exception in our code) is never retried.
 """
 
+import os
 import re
+import signal
 import subprocess
 import warnings
 
@@ -14,13 +16,28 @@ SIGNAL_DEATH = re.compile(r"exitcode\s*:\s*-\d+|terminate called without an acti
 ROOT_CAUSE = re.compile(r"Root Cause.*?\brank\s*:\s*(\d+)", re.S)
 
 
-def run_ranks(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd, capture_output=True, text=True, **kwargs), relaunched once after a signal death."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+def run_ranks(cmd: list[str], timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs), relaunched once after a
+    signal death."""
+    proc = _run_group(cmd, timeout, **kwargs)
     if proc.returncode != 0 and SIGNAL_DEATH.search(proc.stdout + proc.stderr):
         warnings.warn(f"a rank died by a signal; relaunching once: {(proc.stdout + proc.stderr)[-400:]}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        proc = _run_group(cmd, timeout, **kwargs)
     return proc
+
+
+def _run_group(cmd: list[str], timeout: float | None, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout the ranks are killed with the launcher (subprocess.run
+    kills only torchrun, and hung ranks would otherwise keep running, and using the CPUs, after the test)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def failure_log(proc: subprocess.CompletedProcess, tail: int = 6000) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,40 @@ def test_zero0_checkpoint_exports_the_module_weights(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(export_checkpoint(tmp_path, tmp_path / "export"))
     trained = dict(engine.module.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once_and_keeps_the_previous_checkpoint(fail_on_rank_1,
+                                                                                                 stage):
+    """2 gloo ranks; rank 1 alone fails step 2's save. Before: rank 0 waited in the save's barrier until the
+    process-group timeout. Now every rank raises the same error naming rank 1, the partial save is removed and
+    step 1 still verifies and resumes."""
+    root = fail_on_rank_1 / f"stage{stage}"
+    results = [json.loads((root / f"result_rank{r}.json").read_text()) for r in (0, 1)]
+    partial, step1 = root / "step_00000002.partial", root / "step_00000001"
+    for case in ("enospc_deepspeed", "enospc_rng"):
+        [(kind, text)] = {(r[case]["raised"]["type"], r[case]["raised"]["text"]) for r in results}  # same on both
+        assert kind == "DiskFull", case
+        assert re.fullmatch(rf"\[Errno 28\] disk full on rank 1 while saving {re.escape(str(partial))} \([\d,]+ bytes "
+                            rf"free\); the previous checkpoint {re.escape(str(step1))} is intact\. Free space .*", text)
+    raised = {(r["other_deepspeed"]["raised"]["type"], r["other_deepspeed"]["raised"]["text"]) for r in results}
+    assert raised == {("RuntimeError", f"saving checkpoint {partial} failed on rank 1: RuntimeError: injected write "
+                                       f"failure; the previous checkpoint {step1} is intact")}
+    for r in results:
+        for case in ("enospc_deepspeed", "enospc_rng", "other_deepspeed"):
+            assert r[case]["latest"] == 1 and not r[case]["partial"], case
+        assert r["resumed"] == {"tokens_seen": 24, "data_position": 1}
+        assert r["after"] == 2
+
+
+@pytest.fixture(scope="module")
+def fail_on_rank_1(tmp_path_factory):
+    """One torchrun launch (2 gloo ranks) of ckpt_worker.py fail-on-rank-1, for ZeRO stages 1 and 3."""
+    from launch import failure_log, run_ranks
+
+    out = tmp_path_factory.mktemp("fail-on-rank-1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ckpt_worker.py"), "fail-on-rank-1", str(out)]
+    proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=120)  # a hang would take the 10-minute timeout
+    assert proc.returncode == 0, failure_log(proc)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,15 +118,69 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)])
 
 
+PROGRESS = re.compile(r"%\||examples/s|\d+ examples \[")  # tqdm and `datasets` progress bars
+
+
+def quiet_stderr(proc) -> list[str]:
+    """stderr without the progress bars and the data-preparation INFO lines: what is left must be the error."""
+    return [line for line in proc.stderr.splitlines()
+            if line.strip() and not line.startswith("INFO ") and not PROGRESS.search(line)]
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so_in_one_line(small_disk, cache):
     from ar2diff.checkpoint.resume import find_latest_complete
 
     run_dir = small_disk / "run"  # each checkpoint of the tiny model is ~3.6 MB: the second one does not fit
-    proc = subprocess.run(train_cmd(run_dir, cache, "budget.tokens=2048", "trainer.ckpt_every=2"), env=env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_cmd(run_dir, cache, "budget.tokens=2048", "trainer.ckpt_every=2",
+                                    "logger=wandb_offline"),  # W&B on, its files on the same small disk
+                          env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    [line] = error_lines(proc)
-    assert "disk full while saving" in line and "step_00000002 is intact" in line
-    assert "Traceback" not in proc.stderr
+    [line] = quiet_stderr(proc)  # the disk-full line and nothing else: no W&B error, no "Logging error", no traceback
+    assert line.startswith("ar2diff.train: error: disk full while saving") and "step_00000002 is intact" in line
+    assert (run_dir / "wandb").is_dir()
+    assert find_latest_complete(run_dir / "checkpoints", verify="hash").step == 2
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+def test_a_disk_filled_by_another_writer_while_wandb_runs_gives_one_line(small_disk, cache):
+    """Before: every W&B log record printed a ~40-line "--- Logging error ---" block, then a raw OSError traceback."""
+    run_dir = small_disk / "run"
+    debug_log = run_dir / "wandb" / "latest-run" / "logs" / "debug.log"
+    proc = subprocess.Popen(train_cmd(run_dir, cache, "budget.tokens=1024", "trainer.ckpt_every=2",
+                                      "logger=wandb_offline"), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not debug_log.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # fill the disk and keep it full until the run ends
+        while proc.poll() is None:
+            try:
+                filler.write(bytes(1 << 12))
+            except OSError:
+                time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    proc.stderr = err
+    assert proc.returncode == 1, err[-3000:]
+    [line] = quiet_stderr(proc)
+    assert line.startswith(f"ar2diff.train: error: disk full while writing under {run_dir}"), line
+
+
+def test_disk_full_under_torchrun_is_one_line_from_rank_0_and_no_rank_waits(small_disk, cache):
+    """Two ranks share the small disk: the save fails on one or both; both stop at once (not after the process-group
+    timeout) and the user reads one line, from rank 0, naming the failed rank(s)."""
+    from ar2diff.checkpoint.resume import find_latest_complete
+
+    run_dir = small_disk / "run"
+    started = time.time()
+    proc = subprocess.run(train_cmd(run_dir, cache, "budget.tokens=2048", "trainer.ckpt_every=2",
+                                    "logger=wandb_offline", ranks=2), env=env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and time.time() - started < 180, proc.stderr[-3000:]
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "ar2diff.train: error:" in line]
+    assert len(ours) == 1 and re.search(r"error: disk full on rank [01](, 1)? while saving .*step_00000004\.partial",
+                                        ours[0]), ours
+    assert "step_00000002 is intact" in ours[0]
+    assert "--- Logging error ---" not in proc.stderr and "[rank0]:" not in proc.stderr
     assert find_latest_complete(run_dir / "checkpoints", verify="hash").step == 2
     assert not list((run_dir / "checkpoints").glob("*.partial"))

@@ -94,10 +94,26 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def disk_full_error(folder: str | Path, previous: str | None) -> DiskFull:
-    """The one-line error for a save into `folder` that ran out of space."""
+def free_bytes(path: str | Path) -> int:
+    """Free space on the filesystem holding `path` (or its nearest existing parent)."""
+    return shutil.disk_usage(_existing(Path(path))).free
+
+
+def disk_full_error(folder: str | Path, previous: str | None, ranks: list[int] | None = None,
+                    free: int | None = None) -> DiskFull:
+    """The one-line error for a save into `folder` that ran out of space (on `ranks`, when several ranks save)."""
     folder = Path(folder)
-    free = shutil.disk_usage(_existing(folder)).free
+    free = free_bytes(folder) if free is None else free
+    on = f" on rank {', '.join(str(r) for r in ranks)}" if ranks else ""
     keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-    return DiskFull(errno.ENOSPC, f"disk full while saving {folder} ({free:,} bytes free); {keep}. Free space "
+    return DiskFull(errno.ENOSPC, f"disk full{on} while saving {folder} ({free:,} bytes free); {keep}. Free space "
                     "(or lower trainer.keep_last) and re-run the same command to resume")
+
+
+def disk_full_while_writing(path: str | Path | None, under: bool = False) -> DiskFull:
+    """The one-line error for a write outside a checkpoint save that ran out of space (`under`: `path` is the
+    folder written into, not the file)."""
+    where = f" while writing {'under ' if under else ''}{path}" if path else ""
+    free = f" ({shutil.disk_usage(_existing(Path(path))).free:,} bytes free)" if path else ""
+    return DiskFull(errno.ENOSPC, f"disk full{where}{free}; complete checkpoints are kept. Free space and re-run "
+                    "the same command to resume")

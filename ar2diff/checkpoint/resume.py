@@ -37,6 +37,7 @@ from deepspeed.accelerator import get_accelerator
 
 from ar2diff.atomic import write_json_atomic, write_text_atomic
 from ar2diff.checkpoint.coordination import all_gather_object, barrier, run_on_rank0
+from ar2diff.checkpoint.save_failure import agreed_save_error, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -247,19 +248,12 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
     root, tag = Path(ckpt_root), step_tag(step)
     partial_dir = root / f"{tag}{PARTIAL_SUFFIX}"
     run_on_rank0(_prepare_partial_dir, partial_dir)
-
-    try:
-        engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
-        torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
-    except (OSError, RuntimeError) as err:
-        from ar2diff.checkpoint.integrity import disk_full_error, is_disk_full
-
-        if not is_disk_full(err, partial_dir):
-            raise
-        shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
-        previous = find_latest_complete(root)
-        raise disk_full_error(partial_dir, str(previous.path) if previous else None) from None
-    barrier()  # on ar2diff's own group: every rank's files are written before anyone hashes them
+    failure = _write_rank_files(engine, root, partial_dir, client_state)
+    # every rank's outcome, on every rank: also "every rank has finished writing" before anyone hashes the files
+    outcomes: list = [None] * dist.get_world_size()
+    all_gather_object(outcomes, None if failure is None else describe_failure(failure, partial_dir))
+    if any(outcomes):
+        raise agreed_save_error(root, partial_dir, outcomes) from failure
 
     marker = {
         "tag": tag, "step": step, "world_size": dist.get_world_size(),
@@ -270,6 +264,30 @@ def save_checkpoint(engine, ckpt_root: str | os.PathLike, step: int, client_stat
     run_on_rank0(_commit, root, tag, marker, keep_last)
     barrier()
     return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
+
+
+def _write_rank_files(engine, root: Path, partial_dir: Path, client_state: dict) -> Exception | None:
+    """This rank's share of the save (DeepSpeed's files, then its RNG state); None, or the error it met.
+
+    A rank whose write fails inside DeepSpeed's save still runs the collectives DeepSpeed's save ends with, which the
+    other ranks are in by then; without them they would wait there until the process-group timeout. In DeepSpeed
+    0.19.8 those are the optimizer's checkpoint epilogue (ZeRO-3 re-gathers its persistent parameters) and a barrier
+    on the default group: module, optimizer and expert state dicts are built locally and no other collective runs
+    between the first file write and the end of the save (read for ZeRO 0-3 and the MoE path; tested at ZeRO-1 and
+    ZeRO-3 in tests/test_checkpoint.py)."""
+    try:
+        engine.save_checkpoint(str(root), tag=partial_dir.name, client_state=client_state, save_latest=False)
+    except Exception as err:  # reported on every rank by save_checkpoint
+        epilogue = getattr(engine.optimizer, "checkpoint_event_epilogue", None)
+        if epilogue is not None:
+            epilogue()
+        dist.barrier()
+        return err
+    try:
+        torch.save(capture_rng_state(), partial_dir / RNG_FILE.format(rank=dist.get_rank()))
+    except Exception as err:
+        return err
+    return None
 
 
 def _check_engine_supported(engine) -> None:

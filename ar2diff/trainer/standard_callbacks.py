@@ -185,6 +185,9 @@ class Summary(Callback):
         if dist.is_initialized():
             dist.barrier()  # every rank leaves the phase together, after rank 0's checks
 
+    def on_close(self, state: TrainState) -> None:
+        state.logger.close()  # W&B finished (as failed) when the phase stopped on an error
+
 
 class ProgressBar(Callback):
     """Rank 0's tqdm bar over optimizer steps: tokens seen, this rank's last loss, tokens/s; tqdm gives the ETA."""
