@@ -5,18 +5,18 @@ are moved after every optimizer step from the load error over the global batch (
 
 rule: "pid" (Zyphra's PID-inspired controller: the error's proportional and integral terms, fed as the gradient of
     the biases to an AdamW step) or "sign" (DeepSeek-V3: b += update_rate * sign(error)).
-update_rate: the step size: AdamW's learning rate for "pid", u for "sign". 1e-3 is DeepSeek-V3's u; the small
-    recipes, whose whole run is a few hundred steps, raise it.
+update_rate: the step size: AdamW's learning rate for "pid", u for "sign". 1e-3 is DeepSeek-V3's u.
 kp, ki: weights of the proportional and integral terms of the "pid" rule. integral_decay: the integral is the
     leaky sum I <- integral_decay * I + error (1 = plain sum; < 1 forgets an early collapse instead of overshooting
     after it). betas: AdamW's betas for "pid".
 skip_share: the skip class. None (default): its bias stays as the checkpoint has it (-1 at initialisation, so it
     practically never wins) and the experts are balanced over the tokens routed to experts, target 1/E each.
     A number s in [0, 1): the skip class is balanced to a share s of all tokens, each expert to (1 - s)/E.
-follow_lr: scale the update rate by the model's current learning rate over its peak (`schedule.lr`), so the biases
-    settle as the schedule anneals (DeepSeek-V3 sets its update speed to 0 for its last 500B tokens). A constant
-    rate keeps the biases moving by ~update_rate a step to the end; where a router's probabilities vary across
-    tokens by less than that, its choice follows the biases, not the tokens.
+follow_lr (default on): after warmup, scale the update rate by the model's current learning rate over its peak
+    (`schedule.lr`), so the biases settle as the schedule anneals (DeepSeek-V3 sets its update speed to 0 for its
+    last 500B tokens). A constant rate keeps the biases moving by ~update_rate a step to the end; where a router's
+    probabilities vary across tokens by less than that, its choice follows the biases, not the tokens, and the load
+    is balanced only over time (README, "ZAYA as its authors train and decode it", has the quickstart measurement).
 enabled: False leaves the biases untouched (the load metrics are still logged).
 """
 
@@ -37,7 +37,7 @@ class RouterBalanceConfig:
     integral_decay: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     skip_share: float | None = None
-    follow_lr: bool = False
+    follow_lr: bool = True
 
     def validate(self) -> RouterBalanceConfig:
         if self.rule not in RULES:
