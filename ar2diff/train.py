@@ -189,10 +189,33 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         sys.exit(report("ar2diff.train", disk_full_anywhere(err, cfg.run_dir if cfg else None)))
 
 
+# Hydra's flags that take a value as the next argument (`--cfg job`, `-cn NAME`…); `--info` takes one optionally
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides): a flag's value stays with its flag, so `--cfg job` keeps
+    working when the overrides are moved behind the flags."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            takes_value = arg in VALUE_FLAGS and i + 1 < len(args)
+            if takes_value and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
 def main() -> None:
     """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
-    flags = [a for a in sys.argv[1:] if a.startswith("-")]
-    sys.argv[1:] = flags + search_path_override([a for a in sys.argv[1:] if not a.startswith("-")])
+    flags, overrides = split_flags(sys.argv[1:])
+    sys.argv[1:] = flags + search_path_override(overrides)
     from ar2diff.cli_errors import hydra_errors_in_one_line
 
     with hydra_errors_in_one_line("ar2diff.train"):  # an unknown key, a bad option, a malformed override

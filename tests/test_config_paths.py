@@ -115,3 +115,15 @@ def test_resume_command_and_sweep_job_names():
     assert sweep_job_dirname(["schedule.lr=0.001", "objective.alpha=2.0", "seed=1"], argv) == \
         "objective.alpha=2.0,seed=1"
     assert sweep_job_dirname(["a=b/c"], ["a=b/c,d"]) == "a=b_c"
+
+
+def test_hydra_flags_keep_their_values_when_overrides_move_behind_them(tmp_path):
+    from ar2diff.train import split_flags
+
+    assert split_flags(["recipe=quickstart", "--cfg", "job", "seed=3", "-cn", "config", "--info", "x=1"]) == (
+        ["--cfg", "job", "-cn", "config", "--info"], ["recipe=quickstart", "seed=3", "x=1"])
+    proc = subprocess.run([sys.executable, "-m", "ar2diff.train", "recipe=quickstart", "--cfg", "job", "seed=3"],
+                          cwd=tmp_path, env=env(str(REPO)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = OmegaConf.create(proc.stdout)
+    assert job.name == "quickstart" and job.seed == 3
