@@ -63,3 +63,21 @@ def test_cli_reads_the_checkpoint_config_and_says_whether_it_fits(tmp_path, caps
     (tmp_path / "config.json").write_text(json.dumps(big))
     assert main(["recipe=context_extension", f"model.path={tmp_path}", "world_size=8", "hardware=h100"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_training_start_refuses_a_config_whose_plan_exceeds_the_device(tmp_path):
+    """The check PhaseTrainer.setup runs on an accelerator, before any model is built: the plan against the
+    device's memory, with the numbers and the way out in the message."""
+    from ar2diff.config.compose import compose
+    from ar2diff.plan.cli import PlanDoesNotFitError
+    from ar2diff.plan.fits import HEADROOM, check_plan_fits
+
+    (tmp_path / "config.json").write_text(json.dumps(MOE))
+    cfg = compose(["recipe=tidar_midtrain", f"model.path={tmp_path}", "data.sources.0.path=unused"])
+    planned = check_plan_fits(cfg, 8, capacity_bytes=2**40, device="cuda")  # 1 TiB: fits
+    assert planned > 0
+    with pytest.raises(PlanDoesNotFitError) as err:
+        check_plan_fits(cfg, 8, capacity_bytes=planned / (1 - HEADROOM) * 0.99, device="cuda")
+    message = str(err.value)
+    assert f"needs {planned / 2**30:.1f} GiB per rank" in message and "trainer.memory_plan_check=false" in message
+    check_plan_fits(cfg, 8, capacity_bytes=planned / (1 - HEADROOM) * 1.01, device="cuda")  # just fits

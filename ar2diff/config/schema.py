@@ -72,6 +72,7 @@ class TrainerConfig:
     progress_bar: bool = True  # rank-0 tqdm bar (step, tokens, loss, tokens/s, ETA)
     max_nonfinite_skips: int = 0  # steps with a non-finite loss/grad norm the optimizer dropped that may be skipped
     allow_config_change: bool = False  # resume even if the config changes schedule/data (differences are listed)
+    memory_plan_check: bool = True  # on an accelerator, refuse a config whose memory plan exceeds the device
 
 
 @dataclass

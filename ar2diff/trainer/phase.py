@@ -81,6 +81,7 @@ class PhaseTrainer:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
         from ar2diff.checkpoint import load_checkpoint, save_run_assets
         from ar2diff.model.params import count_params
+        from ar2diff.plan.fits import check_plan_fits, device_capacity
         from ar2diff.checkpoint import find_latest_complete
         from ar2diff.data.report import report_sources
         from ar2diff.trainer.engine import build_engine
@@ -91,6 +92,8 @@ class PhaseTrainer:
         # a resume must not silently change the schedule or the data (trainer.allow_config_change=true to allow)
         check_resume_config(self.run_dir, asdict(cfg), resuming=find_latest_complete(self.run_dir / "checkpoints")
                             is not None, allow_change=cfg.trainer.allow_config_change, write=ctx.rank == 0)
+        if cfg.trainer.memory_plan_check and (device := device_capacity()) is not None:
+            check_plan_fits(cfg, ctx.world_size, *device)  # before any model is built or data prepared
         seed_all(cfg.seed)
         tokenizer = resolve_tokenizer(cfg)
         objective = build_phase_model(cfg, tokenizer)

@@ -21,7 +21,8 @@ CONFIG_NAME = "resolved_config.json"
 # Keys (dotted prefixes) that may change between a run and its resume: they do not alter the trained numbers.
 HARMLESS = ("run_dir", "logger", "decoder", "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last",
             "trainer.heldout_batches", "trainer.peak_flops", "trainer.allow_config_change",
-            "trainer.max_nonfinite_skips", "data.cache_dir", "data.num_proc", "inputs", "pipeline")
+            "trainer.max_nonfinite_skips", "trainer.memory_plan_check", "data.cache_dir", "data.num_proc", "inputs",
+            "pipeline")
 
 
 class ConfigChanged(ValueError):
