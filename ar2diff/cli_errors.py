@@ -46,8 +46,10 @@ def report(prog: str, err: BaseException, rank: int | None = None) -> int:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun stops every rank as soon as one exits: give rank 0 (which may still be finishing W&B) the time to
-        # print the line; once rank 0 exits, torchrun ends this wait too
+        # print the line; once rank 0 exits, torchrun ends this wait too. Still alive after it: rank 0 did not meet
+        # this error (a file only this node lacks, say), so this rank says it, or nobody would
         time.sleep(RANK0_GRACE_S)
+        print(f"{prog}: error on rank {rank}: {one_line(err)}", file=sys.stderr, flush=True)
     return 1
 
 

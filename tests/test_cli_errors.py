@@ -67,3 +67,19 @@ def test_a_user_set_hydra_full_error_keeps_hydras_traceback():
     proc = subprocess.run([sys.executable, "-m", "ar2diff.train", "recipe=quickstart", "trainer.nonexistent=1"],
                           env=dict(env(), HYDRA_FULL_ERROR="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
+
+
+def test_an_error_only_a_later_rank_meets_is_still_printed(monkeypatch, capsys):
+    """Rank 0 prints a shared error at once; another rank waits for rank 0 to end the job, and prints its own line
+    only when it is still alive after the grace period (rank 0 never met the error)."""
+    from ar2diff import cli_errors
+
+    waits = []
+    monkeypatch.setattr(cli_errors.time, "sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_errors.report("ar2diff.train", FileNotFoundError("no /local/x on this node"), rank=1) == 1
+    assert waits == [cli_errors.RANK0_GRACE_S]
+    assert capsys.readouterr().err == "ar2diff.train: error on rank 1: no /local/x on this node\n"
+    assert cli_errors.report("ar2diff.train", ValueError("data.seq_len=0 must be > 0"), rank=0) == 1
+    assert waits == [cli_errors.RANK0_GRACE_S] and capsys.readouterr().err == (
+        "ar2diff.train: error: data.seq_len=0 must be > 0\n")
