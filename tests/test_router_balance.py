@@ -181,8 +181,8 @@ def test_follow_lr_scales_the_update_by_the_schedules_decay():
     from ar2diff.config.schedule import ScheduleConfig
     from ar2diff.trainer.router_callback import rate_scale
 
-    def state(step, follow):
-        cfg = SimpleNamespace(router_balance=RouterBalanceConfig(follow_lr=follow),
+    def state(step, follow, floor=0.0):
+        cfg = SimpleNamespace(router_balance=RouterBalanceConfig(follow_lr=follow, follow_lr_floor=floor),
                               schedule=ScheduleConfig(name="cosine", lr=1e-3, min_lr=1e-4, warmup_fraction=0.1))
         return SimpleNamespace(cfg=cfg, step=step, budget=SimpleNamespace(steps=100))
 
@@ -190,6 +190,8 @@ def test_follow_lr_scales_the_update_by_the_schedules_decay():
     assert rate_scale(state(3, True)) == 1.0  # warmup: the rate stays whole while the load moves most
     assert rate_scale(state(100, True)) == pytest.approx(0.1)  # the last step: min_lr / lr
     assert 0.1 < rate_scale(state(50, True)) < 1.0
+    assert rate_scale(state(100, True, floor=0.3)) == 0.3 and rate_scale(state(3, True, floor=0.3)) == 1.0
+    assert rate_scale(state(50, True, floor=0.3)) == rate_scale(state(50, True))  # above the floor: unchanged
 
     lm = tiny_model("zaya")
     bal = RouterBalancer(lm, RouterBalanceConfig(rule="sign", update_rate=0.01))

@@ -17,6 +17,9 @@ follow_lr (default on): after warmup, scale the update rate by the model's curre
     last 500B tokens). A constant rate keeps the biases moving by ~update_rate a step to the end; where a router's
     probabilities vary across tokens by less than that, its choice follows the biases, not the tokens, and the load
     is balanced only over time (README, "ZAYA as its authors train and decode it", has the quickstart measurement).
+follow_lr_floor: the smallest multiplier `follow_lr` applies (0.3: the step never falls below 0.3 x update_rate).
+    Annealed to the schedule's own floor (0.1 in the quickstart) the controller was too slow to revive an expert
+    the router learned to avoid late in training; 0.3 kept every expert near 0.5x-2x of uniform on two seeds.
 enabled: False leaves the biases untouched (the load metrics are still logged).
 """
 
@@ -38,6 +41,7 @@ class RouterBalanceConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     skip_share: float | None = None
     follow_lr: bool = True
+    follow_lr_floor: float = 0.3
 
     def validate(self) -> RouterBalanceConfig:
         if self.rule not in RULES:
@@ -50,6 +54,8 @@ class RouterBalanceConfig:
             raise ValueError(f"router_balance.integral_decay={self.integral_decay} must be in [0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"router_balance.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if not 0 <= self.follow_lr_floor <= 1:
+            raise ValueError(f"router_balance.follow_lr_floor={self.follow_lr_floor} must be in [0, 1]")
         if self.skip_share is not None and not 0 <= self.skip_share < 1:
             raise ValueError(f"router_balance.skip_share={self.skip_share} must be in [0, 1) or null (skip class "
                              "left alone)")

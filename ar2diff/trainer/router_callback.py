@@ -33,4 +33,4 @@ def rate_scale(state: TrainState) -> float:
     step = state.step - 1  # the 0-based optimizer step just taken
     if step < warmup_steps(cfg.schedule, state.budget.steps):
         return 1.0
-    return lr_at(step, cfg.schedule, state.budget.steps) / cfg.schedule.lr
+    return max(cfg.router_balance.follow_lr_floor, lr_at(step, cfg.schedule, state.budget.steps) / cfg.schedule.lr)
