@@ -2,9 +2,11 @@
 pipeline runs of the same recipe (e.g. the quickstart with `seed=1 model.init_seed=1 data.seed=1`).
 
 For every phase, temperature and sampler it prints each run's tokens-per-forward with its bootstrap interval
-(`eval.json` -> statistics) and whether the intervals of all runs overlap; and the same for the mixing - lossless
-difference. Exit status 1 when any TPF interval pair is disjoint: the measurement would then tell the seeds apart,
-not the samplers.
+(`eval.json` -> statistics) and whether the intervals of all runs overlap; the same for the mixing - lossless
+difference, for TPF outside repeated 4-grams (the drafter's speed on text that is not a loop), and for the
+teacher-forced agreement means (argmax agreement and E[min(1, p/q)] over the drafted offsets, intervals over held-out
+rows). Exit status 1 when any TPF interval pair is disjoint: the measurement would then tell the seeds apart, not the
+samplers.
 
     python scripts/compare_seeds.py RUN_SEED0 RUN_SEED1 [--out compare.json]
 """
@@ -39,17 +41,29 @@ def compare(runs: list[Path]) -> list[dict]:
         for temp in sorted(set.intersection(*(set(s) for s in stats))):
             for sampler in sorted(set.intersection(*(set(s[temp]["samplers"]) for s in stats)) - {"ar"}):
                 tpf = [s[temp]["samplers"][sampler]["tpf"] for s in stats]
-                rows.append({"phase": phase, "temperature": temp, "quantity": f"TPF {sampler}",
-                             "values": [t["tokens_per_forward"] for t in tpf],
-                             "intervals": [(t["low"], t["high"]) for t in tpf],
-                             "overlap": overlap([(t["low"], t["high"]) for t in tpf])})
+                rows.append(row(phase, temp, f"TPF {sampler}", [t["tokens_per_forward"] for t in tpf],
+                                [(t["low"], t["high"]) for t in tpf]))
+                rep = [s[temp]["samplers"][sampler].get("repetition", {}) for s in stats]
+                if all("tokens_per_forward_outside_repeats_low" in r for r in rep):
+                    key = "tokens_per_forward_outside_repeats"
+                    rows.append(row(phase, temp, f"TPF outside repeats {sampler}", [r[key] for r in rep],
+                                    [(r[f"{key}_low"], r[f"{key}_high"]) for r in rep]))
             for name in sorted(set.intersection(*(set(s[temp].get("mixing_minus_lossless", {})) for s in stats))):
                 diff = [s[temp]["mixing_minus_lossless"][name] for s in stats]
-                rows.append({"phase": phase, "temperature": temp, "quantity": f"{name} - lossless",
-                             "values": [d["difference"] for d in diff],
-                             "intervals": [(d["low"], d["high"]) for d in diff],
-                             "overlap": overlap([(d["low"], d["high"]) for d in diff])})
+                rows.append(row(phase, temp, f"{name} - lossless", [d["difference"] for d in diff],
+                                [(d["low"], d["high"]) for d in diff]))
+        curves = [e[phase].get("agreement_curve", {}) for e in evals]
+        if all("mean_over_drafts_interval" in c for c in curves):
+            for key in ("argmax_agree", "expected_accept"):
+                rows.append(row(phase, "teacher-forced", f"agreement {key}",
+                                [c["mean_over_drafts"][key] for c in curves],
+                                [tuple(c["mean_over_drafts_interval"][key]) for c in curves]))
     return rows
+
+
+def row(phase: str, temperature: str, quantity: str, values: list[float], intervals: list[tuple[float, float]]) -> dict:
+    return {"phase": phase, "temperature": temperature, "quantity": quantity, "values": values,
+            "intervals": intervals, "overlap": overlap(intervals)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               + " | ".join(cells) + f" | {'yes' if row['overlap'] else 'NO'} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
-    return 0 if all(r["overlap"] for r in rows if r["quantity"].startswith("TPF")) else 1
+    return 0 if all(r["overlap"] for r in rows if r["quantity"].startswith("TPF ")) else 1
 
 
 if __name__ == "__main__":

@@ -57,14 +57,24 @@ def test_bench_data_reports_throughput_storage_and_startup(tmp_path):
 
 
 def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
-    def eval_json(run, lossless, mixing):
+    def eval_json(run, lossless, mixing, outside=None, accept=None):
         phase = tmp_path / run / "1_tidar_midtrain"
         phase.mkdir(parents=True)
         tpf = {name: {"tpf": {"tokens_per_forward": (lo + hi) / 2, "low": lo, "high": hi}}
                for name, (lo, hi) in (("ar", (1.0, 1.0)), ("lossless", lossless), ("mixing_0.5", mixing))}
+        if outside:  # TPF outside repeated n-grams, with its interval (eval.json from this round on)
+            lo, hi = outside
+            tpf["lossless"]["repetition"] = {"tokens_per_forward_outside_repeats": (lo + hi) / 2,
+                                             "tokens_per_forward_outside_repeats_low": lo,
+                                             "tokens_per_forward_outside_repeats_high": hi}
         diff = {"mixing_0.5": {"difference": 0.1, "low": 0.0, "high": 0.2}}
         stats = {"temperature_0": {"samplers": tpf, "mixing_minus_lossless": diff}}
-        (phase / "eval.json").write_text(json.dumps({"statistics": stats}))
+        result = {"statistics": stats}
+        if accept:
+            result["agreement_curve"] = {
+                "mean_over_drafts": {"argmax_agree": 0.2, "expected_accept": sum(accept) / 2},
+                "mean_over_drafts_interval": {"argmax_agree": [0.1, 0.3], "expected_accept": list(accept)}}
+        (phase / "eval.json").write_text(json.dumps(result))
         return str(tmp_path / run)
 
     a = eval_json("a", (1.2, 1.6), (1.4, 1.9))
@@ -77,3 +87,14 @@ def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
     assert all(r["overlap"] for r in rows.values())
     proc = subprocess.run([sys.executable, str(SCRIPTS / "compare_seeds.py"), a, c], capture_output=True, text=True)
     assert proc.returncode == 1 and "| TPF lossless | 1.40 [1.20, 1.60] | 1.85 [1.70, 2.00] | NO |" in proc.stdout
+    # the drafter figures that do not depend on loops: TPF outside repeats and the teacher-forced agreement
+    d = eval_json("d", (1.2, 1.6), (1.4, 1.9), outside=(1.00, 1.02), accept=(0.50, 0.54))
+    e = eval_json("e", (1.3, 1.7), (1.4, 1.9), outside=(1.03, 1.05), accept=(0.52, 0.56))
+    loops = subprocess.run([sys.executable, str(SCRIPTS / "compare_seeds.py"), d, e, "--out", str(out)],
+                           capture_output=True, text=True)
+    rows = {r["quantity"]: r for r in json.loads(out.read_text())}
+    assert rows["agreement expected_accept"]["overlap"] and rows["agreement argmax_agree"]["overlap"]
+    assert rows["agreement expected_accept"]["temperature"] == "teacher-forced"
+    assert not rows["TPF outside repeats lossless"]["overlap"]  # a disjoint TPF of any kind fails the comparison
+    assert loops.returncode == 1 and "| TPF outside repeats lossless | 1.01 [1.00, 1.02] | 1.04 [1.03, 1.05] | NO |" \
+        in loops.stdout

@@ -31,6 +31,9 @@ def test_offset_statistics_by_hand():
     assert s["expected_accept"][1].item() == pytest.approx(min_sum(P[0], Q[1]) + min_sum(P[3], Q[4]))
     # data hits: pos 1 target 1 (diff argmax 1: hit), pos 2 target 2 (hit), pos 4 target 0 (hit)
     assert s["data_hit"].tolist() == [1, 2]
+    # per row, over the drafted offsets only (offset >= 1): positions 1 and 4
+    assert s["rows"]["count"].tolist() == [2] and s["rows"]["argmax_agree"].tolist() == [1]
+    assert s["rows"]["expected_accept"][0].item() == pytest.approx(min_sum(P[0], Q[1]) + min_sum(P[3], Q[4]))
 
 
 def test_curve_on_a_model_counts_every_drafted_position_with_a_predecessor():
@@ -50,6 +53,11 @@ def test_curve_on_a_model_counts_every_drafted_position_with_a_predecessor():
         assert len(curve[key]) == 4 and all(0 <= v <= 1 for v in curve[key])
     again = agreement_curve(model, rows, micro_batch=3)  # micro batching does not change the numbers
     assert again["expected_accept"] == pytest.approx(curve["expected_accept"], rel=1e-5)
+    assert curve["rows"] == 3
+    for key in ("argmax_agree", "expected_accept", "data_hit"):  # a bootstrap interval over rows around each mean
+        low, high = curve["mean_over_drafts_interval"][key]
+        assert low <= curve["mean_over_drafts"][key] + 1e-9 and curve["mean_over_drafts"][key] <= high + 1e-9
+        assert again["mean_over_drafts_interval"][key] == pytest.approx([low, high], rel=1e-5)
     # a drafter identical to the verifier agrees perfectly: feed the same logits to both streams
     out = model(ids, docs, pos, return_logits=True)
     shifted = torch.cat([out.ar_logits[:, :1], out.ar_logits[:, :-1]], dim=1)

@@ -3,8 +3,8 @@
 import pytest
 
 from ar2diff.decode.ar import DecodeResult
-from ar2diff.decode.metrics import (accepted_flags, decode_statistics, full_draft_histogram, repeated_ngram_flags,
-                                    repetition, tpf_difference, tpf_interval)
+from ar2diff.decode.metrics import (accepted_flags, decode_statistics, flat_statistics, full_draft_histogram,
+                                    ratio_interval, repeated_ngram_flags, repetition, tpf_difference, tpf_interval)
 
 
 def result(prompt, tokens, accepted, drafts=None):
@@ -59,6 +59,29 @@ def test_repeated_ngrams_and_accepted_drafts():
     assert rep["repeated_share"] == pytest.approx(4 / 6)
     assert rep["accepted_in_repeats"] == 1.0 and rep["accepted_drafts"] == 3
     assert rep["tokens_per_forward_outside_repeats"] == pytest.approx(3 / 4)
+
+
+def test_tpf_outside_repeats_has_an_interval_over_prompts():
+    looping = result([1, 2, 3, 4], [5, 1, 2, 3, 4, 9], accepted=[0, 3, 0, 0], drafts=[0, 3, 3, 3])  # 3 tokens / 4 fwd
+    fresh = result([7, 8], [20, 21, 22, 23, 24, 25], accepted=[0, 2, 1], drafts=[0, 3, 3])  # no repeats: 6 / 3
+    one = repetition([fresh])
+    assert one["tokens_per_forward_outside_repeats_low"] == one["tokens_per_forward_outside_repeats_high"] == 2.0
+    rep = repetition([looping, fresh] * 4)
+    assert rep["tokens_per_forward_outside_repeats"] == pytest.approx(36 / 28)
+    low, high = rep["tokens_per_forward_outside_repeats_low"], rep["tokens_per_forward_outside_repeats_high"]
+    assert 3 / 4 <= low < rep["tokens_per_forward_outside_repeats"] < high <= 2.0
+    flat = flat_statistics(decode_statistics({"lossless": [looping, fresh] * 4}, {"lossless": "lossless"}, 3), "t0")
+    assert (flat["t0/lossless/tpf_outside_repeats_low"], flat["t0/lossless/tpf_outside_repeats_high"]) == (low, high)
+
+
+def test_ratio_interval_is_a_ratio_of_sums_and_checks_its_inputs():
+    assert ratio_interval([2, 2, 2], [1, 1, 1]) == (2.0, 2.0)
+    low, high = ratio_interval([1, 3] * 10, [1, 1] * 10)
+    assert 1.0 < low < 2.0 < high < 3.0
+    with pytest.raises(ValueError, match="one numerator and one denominator per unit"):
+        ratio_interval([1, 2], [1])
+    with pytest.raises(ValueError, match="at least one unit"):
+        ratio_interval([], [])
 
 
 def test_full_draft_histogram_keeps_only_forwards_with_a_full_block():

@@ -280,8 +280,11 @@ def flat_metrics(result: dict) -> dict[str, float]:
     out.update({f"router/{k}": v for k, v in flatten(result.get("router_load", {})).items()})
     for temp, stats in result.get("statistics", {}).items():
         out.update(flat_statistics(stats, temp))
-    for key, value in result.get("agreement_curve", {}).get("mean_over_drafts", {}).items():
+    curve = result.get("agreement_curve", {})
+    for key, value in curve.get("mean_over_drafts", {}).items():
         out[f"agreement_curve/{key}"] = value
+    for key, (low, high) in curve.get("mean_over_drafts_interval", {}).items():
+        out[f"agreement_curve/{key}_low"], out[f"agreement_curve/{key}_high"] = low, high
     for name, per_hw in result.get("levels_auto", {}).items():
         for hw, r in per_hw.items():
             for which, entry in r.items():

@@ -34,7 +34,7 @@ def per_prompt_counts(results: Sequence[DecodeResult]) -> tuple[np.ndarray, np.n
 
 
 def _resample_index(n: int, samples: int, seed: int) -> np.ndarray:
-    """(samples, n) prompt indices drawn with replacement."""
+    """(samples, n) unit indices drawn with replacement."""
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
@@ -44,6 +44,17 @@ def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
+                   confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(numerator) / sum(denominator) over units (prompts, held-out rows): each
+    resample draws units with replacement and takes the same ratio of sums as the point estimate."""
+    numerator, denominator = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+    if len(numerator) == 0 or len(numerator) != len(denominator):
+        raise ValueError("ratio_interval needs one numerator and one denominator per unit, and at least one unit")
+    idx = _resample_index(len(numerator), samples, seed)
+    return _interval(numerator[idx].sum(1) / np.maximum(denominator[idx].sum(1), 1e-12), confidence)
+
+
 def tpf_interval(results: Sequence[DecodeResult], samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE,
                  seed: int = 0) -> dict:
     """{tokens_per_forward, low, high, prompts}: TPF (all tokens / all forwards) and its percentile bootstrap
@@ -51,9 +62,7 @@ def tpf_interval(results: Sequence[DecodeResult], samples: int = BOOTSTRAP_SAMPL
     tokens, forwards = per_prompt_counts(results)
     if len(tokens) == 0:
         raise ValueError("tpf_interval needs at least one decoded prompt")
-    idx = _resample_index(len(tokens), samples, seed)
-    boot = tokens[idx].sum(1) / forwards[idx].sum(1)
-    low, high = _interval(boot, confidence)
+    low, high = ratio_interval(tokens, forwards, samples, confidence, seed)
     return {"tokens_per_forward": float(tokens.sum() / forwards.sum()), "low": low, "high": high,
             "prompts": len(tokens), "confidence": confidence}
 
@@ -99,23 +108,30 @@ def accepted_flags(result: DecodeResult) -> list[bool]:
     return out[:len(result.token_ids)]
 
 
-def repetition(results: Sequence[DecodeResult], n: int = REPEAT_NGRAM) -> dict:
-    """{repeated_share, accepted_in_repeats, accepted_drafts, tokens_per_forward_outside_repeats}: the share of
-    generated tokens inside repeated n-grams, the share of accepted drafts inside them, and TPF when accepted drafts
-    inside repeats are not counted (each such draft counted as costing its own forward would be stricter; this
-    removes only their contribution to the numerator)."""
-    tokens = repeated = accepted = accepted_rep = forwards = 0
+def repetition(results: Sequence[DecodeResult], n: int = REPEAT_NGRAM, seed: int = 0) -> dict:
+    """{repeated_share, accepted_in_repeats, accepted_drafts, tokens_per_forward_outside_repeats (+ _low, _high)}:
+    the share of generated tokens inside repeated n-grams, the share of accepted drafts inside them, and TPF when
+    accepted drafts inside repeats are not counted (each such draft counted as costing its own forward would be
+    stricter; this removes only their contribution to the numerator), with its bootstrap interval over prompts.
+    TPF outside repeats is the drafter's speed on text that is not a loop: the figure to steer a small model by."""
+    tokens_P, accepted_rep_P, forwards_P = [], [], []
+    repeated = accepted = 0
     for r in results:
         rep = repeated_ngram_flags(r.prompt_ids, r.token_ids, n)
         acc = accepted_flags(r)
-        tokens += len(rep)
+        tokens_P.append(len(rep))
         repeated += sum(rep)
         accepted += sum(acc)
-        accepted_rep += sum(a and b for a, b in zip(acc, rep))
-        forwards += r.forwards
-    return {"ngram": n, "repeated_share": repeated / max(tokens, 1),
-            "accepted_in_repeats": accepted_rep / accepted if accepted else 0.0, "accepted_drafts": accepted,
-            "tokens_per_forward_outside_repeats": (tokens - accepted_rep) / max(forwards, 1)}
+        accepted_rep_P.append(sum(a and b for a, b in zip(acc, rep)))
+        forwards_P.append(r.forwards)
+    tokens, accepted_rep, forwards = sum(tokens_P), sum(accepted_rep_P), sum(forwards_P)
+    out = {"ngram": n, "repeated_share": repeated / max(tokens, 1),
+           "accepted_in_repeats": accepted_rep / accepted if accepted else 0.0, "accepted_drafts": accepted,
+           "tokens_per_forward_outside_repeats": (tokens - accepted_rep) / max(forwards, 1)}
+    if results:
+        low, high = ratio_interval(np.subtract(tokens_P, accepted_rep_P), forwards_P, seed=seed)
+        out.update({"tokens_per_forward_outside_repeats_low": low, "tokens_per_forward_outside_repeats_high": high})
+    return out
 
 
 def full_draft_histogram(results: Sequence[DecodeResult], num_drafts: int) -> list[int]:
@@ -137,7 +153,7 @@ def decode_statistics(results: dict[str, Sequence[DecodeResult]], kinds: dict[st
     mixing sampler's paired TPF difference to lossless, with a note when mixing falls below."""
     out: dict = {"samplers": {}, "mixing_minus_lossless": {}, "notes": []}
     for name, res in results.items():
-        entry = {"tpf": tpf_interval(res, seed=seed), "repetition": repetition(res)}
+        entry = {"tpf": tpf_interval(res, seed=seed), "repetition": repetition(res, seed=seed)}
         if kinds[name] != "ar":
             entry["full_draft_histogram"] = full_draft_histogram(res, num_drafts)
         out["samplers"][name] = entry
@@ -164,6 +180,9 @@ def flat_statistics(stats: dict, prefix: str) -> dict[str, float]:
         out.update({f"{prefix}/{name}/tpf": t["tokens_per_forward"], f"{prefix}/{name}/tpf_low": t["low"],
                     f"{prefix}/{name}/tpf_high": t["high"], f"{prefix}/{name}/repeated_share": r["repeated_share"],
                     f"{prefix}/{name}/accepted_in_repeats": r["accepted_in_repeats"]})
+        for key in ("", "_low", "_high"):
+            if f"tokens_per_forward_outside_repeats{key}" in r:
+                out[f"{prefix}/{name}/tpf_outside_repeats{key}"] = r[f"tokens_per_forward_outside_repeats{key}"]
     for name, d in stats["mixing_minus_lossless"].items():
         out.update({f"{prefix}/{name}/minus_lossless": d["difference"],
                     f"{prefix}/{name}/minus_lossless_low": d["low"], f"{prefix}/{name}/minus_lossless_high": d["high"]})
