@@ -2,8 +2,10 @@
 
 Each argument is `label=path` where path is a phase run folder (or an export folder) holding eval.json. Prints a
 Markdown table: held-out AR / diffusion (data CE) loss, tokens per forward with 95% bootstrap intervals (greedy and
-T=1), the teacher-forced agreement curve (P(diffusion argmax = AR argmax) and E[min(1, p/q)] per block offset),
-mixing's NLL cost at T=1, and the share of accepted drafts inside repeated 4-grams. Writes the rows as JSON too.
+T=1), greedy lossless TPF outside repeated 4-grams, the teacher-forced agreement curve (P(diffusion argmax = AR
+argmax) and E[min(1, p/q)] per block offset, and their means over the drafted offsets with intervals over held-out
+rows), mixing's NLL cost at T=1, and the share of accepted drafts inside repeated 4-grams. Writes the rows as JSON
+too. Label runs of several seeds e.g. `ar/s1=...`.
 
     python scripts/alignment_table.py data=runs/data ar=runs/ar mix=runs/mix --out alignment.json
 """
@@ -19,6 +21,23 @@ from pathlib import Path
 def interval(stats: dict, temp: str, sampler: str) -> str:
     t = stats[temp]["samplers"][sampler]["tpf"]
     return f"{t['tokens_per_forward']:.2f} [{t['low']:.2f}, {t['high']:.2f}]"
+
+
+def mean_interval(curve: dict, key: str) -> str:
+    """The agreement mean over drafts, with its interval over held-out rows where eval.json has one."""
+    text = f"{curve['mean_over_drafts'][key]:.3f}"
+    if "mean_over_drafts_interval" in curve:
+        low, high = curve["mean_over_drafts_interval"][key]
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def outside_repeats(repetition: dict) -> str:
+    key = "tokens_per_forward_outside_repeats"
+    text = f"{repetition[key]:.3f}"
+    if f"{key}_low" in repetition:
+        text += f" [{repetition[key + '_low']:.3f}, {repetition[key + '_high']:.3f}]"
+    return text
 
 
 def row(label: str, result: dict) -> dict:
@@ -37,7 +56,9 @@ def row(label: str, result: dict) -> dict:
         f"tpf_{mix}_t1": interval(stats, temps[-1], mix),
         "argmax_agree_by_offset": " ".join(f"{v:.2f}" for v in curve["argmax_agree"]),
         "expected_accept_by_offset": " ".join(f"{v:.2f}" for v in curve["expected_accept"]),
-        "expected_accept_mean_drafts": curve["mean_over_drafts"]["expected_accept"],
+        "argmax_agree_mean_drafts": mean_interval(curve, "argmax_agree"),
+        "expected_accept_mean_drafts": mean_interval(curve, "expected_accept"),
+        "tpf_outside_repeats_lossless_greedy": outside_repeats(stats[temps[0]]["samplers"]["lossless"]["repetition"]),
         f"nll_excess_{mix}_t1": q["nll_excess_over_ar"][mix],
         "nll_excess_lossless_t1": q["nll_excess_over_ar"]["lossless"],
         "accepted_in_repeats_lossless_greedy": stats[temps[0]]["samplers"]["lossless"]["repetition"][

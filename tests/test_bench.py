@@ -98,3 +98,38 @@ def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
     assert not rows["TPF outside repeats lossless"]["overlap"]  # a disjoint TPF of any kind fails the comparison
     assert loops.returncode == 1 and "| TPF outside repeats lossless | 1.01 [1.00, 1.02] | 1.04 [1.03, 1.05] | NO |" \
         in loops.stdout
+
+
+def test_alignment_table_reports_intervals_for_the_drafter_figures(tmp_path):
+    def tpf(value, low, high):
+        return {"tokens_per_forward": value, "low": low, "high": high}
+
+    def eval_json(label, accept_interval=None):
+        rep = {"accepted_in_repeats": 0.9, "tokens_per_forward_outside_repeats": 1.02}
+        if accept_interval:  # eval.json from this round on: intervals for the loop-free figures
+            rep.update(tokens_per_forward_outside_repeats_low=1.0, tokens_per_forward_outside_repeats_high=1.05)
+        temp = {"samplers": {"lossless": {"tpf": tpf(1.5, 1.2, 1.9), "repetition": rep},
+                             "mixing_0.5": {"tpf": tpf(1.7, 1.4, 2.1), "repetition": rep}},
+                "mixing_minus_lossless": {"mixing_0.5": {"difference": 0.2, "low": 0.05, "high": 0.4}},
+                "notes": []}
+        curve = {"argmax_agree": [0.6, 0.2], "expected_accept": [0.8, 0.5],
+                 "mean_over_drafts": {"argmax_agree": 0.2, "expected_accept": 0.5}}
+        if accept_interval:
+            curve["mean_over_drafts_interval"] = {"argmax_agree": [0.15, 0.25], "expected_accept": accept_interval}
+        result = {"statistics": {"temperature_0": temp, "temperature_1": temp}, "agreement_curve": curve,
+                  "samplers": {"ar": {}, "lossless": {}, "mixing_0.5": {}},
+                  "heldout": {"loss_ar": 5.7, "loss_diff": 6.5},
+                  "quality": {"nll_excess_over_ar": {"lossless": 0.01, "mixing_0.5": 0.8}}}
+        folder = tmp_path / label.replace("/", "_")
+        folder.mkdir()
+        (folder / "eval.json").write_text(json.dumps(result))
+        return f"{label}={folder}"
+
+    out = tmp_path / "table.json"
+    stdout = run("alignment_table.py", eval_json("data/s0", [0.48, 0.52]), eval_json("old"), "--out", str(out))
+    new, old = json.loads(out.read_text())
+    assert new["expected_accept_mean_drafts"] == "0.500 [0.480, 0.520]"
+    assert new["tpf_outside_repeats_lossless_greedy"] == "1.020 [1.000, 1.050]"
+    assert old["expected_accept_mean_drafts"] == "0.500" and old["tpf_outside_repeats_lossless_greedy"] == "1.020"
+    assert new["mixing_0.5_minus_lossless_greedy"] == "+0.20 [+0.05, +0.40]"
+    assert "| data/s0 |" in stdout and "| old |" in stdout
