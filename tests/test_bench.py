@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
@@ -133,3 +135,64 @@ def test_alignment_table_reports_intervals_for_the_drafter_figures(tmp_path):
     assert old["expected_accept_mean_drafts"] == "0.500" and old["tpf_outside_repeats_lossless_greedy"] == "1.020"
     assert new["mixing_0.5_minus_lossless_greedy"] == "+0.20 [+0.05, +0.40]"
     assert "| data/s0 |" in stdout and "| old |" in stdout
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: one token per byte (256 ids), enough to route real text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_router_load_middle_windows_are_held_out_disjoint_and_past_the_head():
+    sys.path.insert(0, str(SCRIPTS))
+    from router_load import middle_windows
+
+    from ar2diff.data.sources import in_heldout, read_stdlib_file, stdlib_files
+
+    tokenizer = byte_tokenizer()
+    windows = middle_windows(tokenizer, 40, 64, 0.005, seed=0)
+    assert windows == middle_windows(tokenizer, 40, 64, 0.005, seed=0) != middle_windows(tokenizer, 40, 64, 0.005, 1)
+    texts = [read_stdlib_file(rel)[0] for rel in stdlib_files() if in_heldout(rel, 0.005)]
+    files = [tokenizer.encode(text, add_special_tokens=False) for text in texts if text]
+    # each window is a 64-token slice at a multiple of 64, past the first 64 tokens, of some held-out file
+    starts = {tuple(ids[s:s + 64]) for ids in files for s in range(64, len(ids) - 63, 64)}
+    assert all(len(w) == 64 and tuple(w) in starts for w in windows)
+    assert len({tuple(w) for w in windows}) == len(windows)
+    with pytest.raises(SystemExit, match="give .* windows of 64 tokens past their heads"):
+        middle_windows(tokenizer, 10 ** 6, 64, 0.005, seed=0)
+
+
+def test_router_load_cli_reports_loads_and_a_paired_loss(tmp_path):
+    from tiny import TINY_CONFIGS
+
+    from ar2diff.model import build_model
+
+    tokenizer = byte_tokenizer()
+    for name, seed in (("a", 0), ("b", 1)):
+        lm = build_model(dict(TINY_CONFIGS["zaya"], vocab_size=len(tokenizer)), seed=seed)
+        lm.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    out = tmp_path / "load.json"
+    args = ["--windows", "middle", "--tokens", "32", "--rows", "6", "--loss-windows", "5", "--heldout-fraction",
+            "0.005", "--out", str(out)]
+    stdout = run("router_load.py", str(tmp_path / "a"), *args, "--against", str(tmp_path / "a"))
+    res = json.loads(out.read_text())
+    assert set(res["layers"]) == {f"layer{i}" for i in range(TINY_CONFIGS["zaya"]["num_hidden_layers"])}
+    assert all(m["min_load"] <= 1 <= m["max_load"] for m in res["layers"].values())
+    assert res["worst"]["max_load"] == max(m["max_load"] for m in res["layers"].values())
+    loss = res["heldout_loss"]
+    assert loss["windows"] == 5 and loss["mean"] > 0
+    assert loss["against"]["paired_difference"] == 0.0 and loss["against"]["stderr"] == 0.0  # itself
+    assert "worst layer: max" in stdout and "paired, this minus that" in stdout
+    run("router_load.py", str(tmp_path / "a"), *args, "--against", str(tmp_path / "b"))
+    other = json.loads(out.read_text())["heldout_loss"]
+    assert other["mean"] == loss["mean"]  # the same windows
+    assert other["against"]["paired_difference"] == pytest.approx(loss["mean"] - other["against"]["mean"])
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "router_load.py"), str(tmp_path / "a"), "--against",
+                          str(tmp_path / "b")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--against compares held-out losses: give --loss-windows N too" in bad.stderr
