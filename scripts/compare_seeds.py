@@ -44,7 +44,9 @@ def compare(runs: list[Path]) -> list[dict]:
                 rows.append(row(phase, temp, f"TPF {sampler}", [t["tokens_per_forward"] for t in tpf],
                                 [(t["low"], t["high"]) for t in tpf]))
                 rep = [s[temp]["samplers"][sampler].get("repetition", {}) for s in stats]
-                if all("tokens_per_forward_outside_repeats_low" in r for r in rep):
+                # only where some run repeats (elsewhere the figure equals TPF)
+                if all("tokens_per_forward_outside_repeats_low" in r for r in rep) and any(
+                        r.get("repeated_share", 1) > 0 for r in rep):
                     key = "tokens_per_forward_outside_repeats"
                     rows.append(row(phase, temp, f"TPF outside repeats {sampler}", [r[key] for r in rep],
                                     [(r[f"{key}_low"], r[f"{key}_high"]) for r in rep]))
