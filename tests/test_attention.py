@@ -79,3 +79,33 @@ def test_eager_gets_an_additive_mask_and_matches_sdpa():
         a = TidarLM(sdpa, MASK_ID, 4)(ids)
         b = TidarLM(eager, MASK_ID, 4)(ids)
     torch.testing.assert_close(a.diff_logits, b.diff_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "zaya"])
+def test_sdpa_gets_one_additive_mask_bit_identical_to_the_boolean_form(arch, monkeypatch):
+    """SDPA receives the additive float mask (built once per forward, not converted in every layer); outputs and
+    gradients equal those of the boolean mask SDPA used to get, bit for bit."""
+    from ar2diff.model import attention
+
+    ids = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
+    meta = build_tidar_layout(ids, MASK_ID, 4, doc_ids_BS=docs).meta
+    mask = attention.attention_mask_for("sdpa", meta)
+    allowed = dense_mask(meta)
+    assert mask.dtype == torch.float32 and mask.shape == allowed.shape == (2, 1, 42, 42)
+    assert torch.equal(mask == 0, allowed) and bool((mask[~allowed] == torch.finfo(torch.float32).min).all())
+
+    def forward_backward():
+        model = TidarLM(tiny_model(arch, seed=4), MASK_ID, 4)
+        out = model(ids, doc_ids=docs)
+        (out.ar_logits.square().mean() + out.diff_logits.square().mean()).backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    additive, additive_grads = forward_backward()
+    monkeypatch.setattr("ar2diff.model.tidar.attention_mask_for",
+                        lambda impl, q, k=None, dtype=None: dense_mask(q, q if k is None else k))
+    boolean, boolean_grads = forward_backward()
+    assert torch.equal(additive.ar_logits, boolean.ar_logits)
+    assert torch.equal(additive.diff_logits, boolean.diff_logits)
+    assert additive_grads.keys() == boolean_grads.keys()
+    assert all(torch.equal(additive_grads[n], boolean_grads[n]) for n in additive_grads)

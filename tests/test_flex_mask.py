@@ -94,8 +94,9 @@ def test_records_not_in_run_form_fall_back_when_small_and_are_refused_when_large
 
 def test_a_dense_mask_that_cannot_fit_names_flex(monkeypatch):
     layout = build_tidar_layout(torch.zeros(1, 64, dtype=torch.long), 1, 16)
-    monkeypatch.setattr("ar2diff.model.attention.free_memory_bytes", lambda device: 128 * 128 * 4)
+    # 5 bytes a pair for the boolean predicate + 4 for the fp32 additive mask
+    monkeypatch.setattr("ar2diff.model.attention.free_memory_bytes", lambda device: 128 * 128 * 8)
     with pytest.raises(DenseMaskTooLargeError, match="model.attn_implementation=flex_attention"):
         attention_mask_for("sdpa", layout.meta)
-    monkeypatch.setattr("ar2diff.model.attention.free_memory_bytes", lambda device: 128 * 128 * 5)
+    monkeypatch.setattr("ar2diff.model.attention.free_memory_bytes", lambda device: 128 * 128 * 9)
     assert attention_mask_for("sdpa", layout.meta).shape == (1, 1, 128, 128)

@@ -143,8 +143,7 @@ def mask_bytes(t: TrainShape) -> float:
     if t.attn_implementation == "flex_attention":
         tiles = (-(-T // FLEX_TILE)) ** 2
         return t.micro_batch * (tiles * 4 * (4 + 4 + 1 + 1) + T * 8 * 10)
-    extra = DTYPE_BYTES[t.precision] if t.attn_implementation == "eager" else 0
-    return t.micro_batch * T * T * (DENSE_BYTES_PER_PAIR + extra)
+    return t.micro_batch * T * T * (DENSE_BYTES_PER_PAIR + DTYPE_BYTES[t.precision])  # predicate + additive mask
 
 
 def plan_memory(m: ModelShape, t: TrainShape) -> MemoryPlan:
