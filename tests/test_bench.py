@@ -196,3 +196,14 @@ def test_router_load_cli_reports_loads_and_a_paired_loss(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPTS / "router_load.py"), str(tmp_path / "a"), "--against",
                           str(tmp_path / "b")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--against compares held-out losses: give --loss-windows N too" in bad.stderr
+
+
+def test_bench_sdpa_mask_runs_both_forms_in_fresh_processes(tmp_path):
+    out = tmp_path / "mask.json"
+    stdout = run("bench_sdpa_mask.py", "--seq-len", "64", "--repeats", "1", "--out", str(out))
+    res = json.loads(out.read_text())
+    boolean, additive = res["forms"]["boolean"], res["forms"]["additive"]
+    assert boolean["form"] == "boolean" and additive["form"] == "additive" and res["layers"] >= 1
+    assert res["time_ratio_additive_over_boolean"] == additive["median_s"] / boolean["median_s"]
+    assert len(boolean["seconds"]) == len(additive["seconds"]) == 1
+    assert "additive / boolean: peak" in stdout

@@ -1,0 +1,87 @@
+"""The SDPA mask form: one additive float mask per forward (what ar2diff passes) vs the boolean mask (what it passed
+before), on a TiDAR training step of a conf model on CPU.
+
+SDPA converts a boolean mask to an additive one inside every call, so every layer makes its own (B, 1, 2S, 2S)
+float copy and autograd keeps each for the backward; the additive form is built once and shared. Each form runs in
+a fresh process (the peak RSS of a process only grows): warm-up step, then --repeats timed steps (forward + backward
++ AdamW, as scripts/bench_train.py). Reports the peak RSS above the pre-step baseline and the median step time,
+with the additive / boolean ratios.
+
+    python scripts/bench_sdpa_mask.py --model tiny_qwen3_moe --seq-len 4096 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+FORMS = ("boolean", "additive")
+
+
+def one_form(form: str, model_name: str, seq_len: int, batch: int, repeats: int, threads: int) -> dict:
+    """Run in a child process: the step's peak RSS and median time with `form`."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import load_tidar, time_step
+
+    import ar2diff.model.tidar as tidar
+    from ar2diff.model.attention import dense_mask
+    from ar2diff.objective import TidarObjective
+
+    torch.set_num_threads(threads)
+    if form == "boolean":
+        tidar.attention_mask_for = lambda impl, q, k=None, dtype=None: dense_mask(q, q if k is None else k)
+    model, _ = load_tidar(model_name, 16, "cpu", torch.float32, seq_len)
+    ids = torch.randint(0, model.mask_token_id, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    step = TidarObjective(model).forward
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = [time_step(step, {"input_ids": ids}, opt, torch.device("cpu")) for _ in range(1 + repeats)][1:]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"form": form, "peak_bytes_above_start": peak - before, "median_s": statistics.median(times),
+            "seconds": times, "layers": model.lm.config.num_hidden_layers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny_qwen3_moe", help="a conf model name (see scripts/bench_train.py)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON results file")
+    p.add_argument("--child", choices=FORMS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(one_form(args.child, args.model, args.seq_len, args.batch, args.repeats, args.threads)))
+        return 0
+    rows = {}
+    for form in FORMS:
+        cmd = [sys.executable, __file__, "--child", form, "--model", args.model, "--seq-len", str(args.seq_len),
+               "--batch", str(args.batch), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{form}: {proc.stderr[-2000:]}")
+        rows[form] = json.loads(proc.stdout.strip().splitlines()[-1])
+    a, b = rows["additive"], rows["boolean"]
+    result = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch, "layers": a["layers"],
+              "forms": rows, "peak_ratio_additive_over_boolean": a["peak_bytes_above_start"] /
+              max(b["peak_bytes_above_start"], 1), "time_ratio_additive_over_boolean": a["median_s"] / b["median_s"]}
+    print(f"{args.model} ({a['layers']} layers), {args.batch} x {args.seq_len}, TiDAR step on CPU:")
+    for form, r in rows.items():
+        print(f"  {form:<9} peak +{r['peak_bytes_above_start'] / 2**20:8.0f} MiB   median {r['median_s']:.3f} s")
+    print(f"  additive / boolean: peak {result['peak_ratio_additive_over_boolean']:.2f}, "
+          f"time {result['time_ratio_additive_over_boolean']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
