@@ -109,3 +109,57 @@ def test_sdpa_gets_one_additive_mask_bit_identical_to_the_boolean_form(arch, mon
     assert torch.equal(additive.diff_logits, boolean.diff_logits)
     assert additive_grads.keys() == boolean_grads.keys()
     assert all(torch.equal(additive_grads[n], boolean_grads[n]) for n in additive_grads)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral", "olmoe", "zaya"])
+def test_training_layout_sdpa_skips_the_empty_quadrant_and_matches_one_dense_call(arch, monkeypatch):
+    """The training forward marks its mask with the split S, and the registered "sdpa" then runs two calls
+    (clean x clean, draft x all) instead of one over (2S)^2; outputs and gradients match the single dense call."""
+    import ar2diff.model.split_attention as split_attention
+    import ar2diff.model.tidar as tidar
+
+    seen = []
+    real = split_attention.split_sdpa_forward
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((getattr(attention_mask, split_attention.SPLIT_ATTRIBUTE, None), query.shape[2]))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(split_attention.AttentionInterface._global_mapping, "sdpa", recording)
+    ids = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
+
+    def forward_backward():
+        model = TidarLM(tiny_model(arch, seed=4), MASK_ID, 4)
+        out = model(ids, doc_ids=docs)
+        (out.ar_logits.square().mean() + out.diff_logits.square().mean()).backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    split, split_grads = forward_backward()
+    layers = tiny_model(arch).config.num_hidden_layers
+    assert seen == [(21, 42)] * layers  # every layer's attention got the marked mask of the 2S layout
+    seen.clear()
+    monkeypatch.setattr(tidar, "mark_split", lambda mask, S: mask)  # one dense call, as before
+    dense, dense_grads = forward_backward()
+    assert seen == [(None, 42)] * layers
+    torch.testing.assert_close(split.ar_logits, dense.ar_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.diff_logits, dense.diff_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in split_grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6)
+    # the causal (AR) forward and decoding steps are never marked
+    seen.clear()
+    TidarLM(tiny_model(arch, seed=4), MASK_ID, 4).causal_logits(ids, docs)
+    assert seen == [(None, 21)] * layers
+
+
+def test_unmarked_masks_go_to_transformers_sdpa_unchanged():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ar2diff.model.split_attention import split_sdpa_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 10, 10).masked_fill(torch.rand(2, 1, 10, 10, generator=g) < 0.3, -1e30)
+    mask[..., 0] = 0  # every query sees a key
+    module = torch.nn.Module()
+    assert torch.equal(split_sdpa_forward(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])

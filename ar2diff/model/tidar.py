@@ -21,6 +21,7 @@ from ar2diff.model.attention import attention_mask_for
 from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, causal_meta, positions_from_docs,
                                   sample_draft_mask)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
+from ar2diff.model.split_attention import mark_split
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter
 
 
@@ -80,12 +81,17 @@ class TidarLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(input_ids_BS.min())}, "
                              f"{int(input_ids_BS.max())}]: the tokenizer does not match the model")
 
-    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta, impl: str | None = None):
+    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta, impl: str | None = None,
+                       split: int | None = None):
         """The attention mask in the shape this architecture's forward takes (a dict per layer type for some).
-        `impl` overrides the model's attention implementation (sequence parallelism wraps it)."""
+        `impl` overrides the model's attention implementation (sequence parallelism wraps it). `split` = S marks
+        an SDPA mask of the `[clean | draft]` training layout, so SDPA skips its empty quadrant
+        (`ar2diff.model.split_attention`)."""
         impl = impl or self.config._attn_implementation
         dtype = self.lm.get_input_embeddings().weight.dtype
         mask = attention_mask_for(impl, q_meta, k_meta, dtype=dtype)
+        if split is not None and impl == "sdpa":
+            mark_split(mask, split)
         layer_types = getattr(self.config, "layer_types", None)
         if self.config.model_type == "zaya":
             if "hybrid_sliding" in layer_types:
@@ -113,9 +119,10 @@ class TidarLM(nn.Module):
         return self.lm.get_output_embeddings()(hidden), router_logits, cache
 
     def hidden_states(self, input_ids_BT, position_ids_BT, q_meta: TokenMeta, k_meta: TokenMeta | None = None,
-                      prev_BT: torch.Tensor | None = None, past_key_values=None, want_router_logits: bool = False):
+                      prev_BT: torch.Tensor | None = None, past_key_values=None, want_router_logits: bool = False,
+                      split: int | None = None):
         """`step` up to the final norm: (hidden_BTH, router_logits, cache), for losses that apply the head in
-        chunks."""
+        chunks. `split`: see `_mask_argument`."""
         kwargs = {}
         if prev_BT is not None and self.has_adapter:
             kwargs[PREV_KWARG] = prev_BT
@@ -124,7 +131,7 @@ class TidarLM(nn.Module):
         out = self.lm.base_model(
             input_ids=input_ids_BT,
             position_ids=position_ids_BT,
-            attention_mask=self._mask_argument(q_meta, q_meta if k_meta is None else k_meta),
+            attention_mask=self._mask_argument(q_meta, q_meta if k_meta is None else k_meta, split=split),
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
             **kwargs,
@@ -147,7 +154,8 @@ class TidarLM(nn.Module):
                                     draft_mask)
         hidden_BLH, router_logits, _ = self.hidden_states(layout.input_ids_BL, layout.position_ids_BL, layout.meta,
                                                           prev_BT=layout.prev_BL,
-                                                          want_router_logits=want_router_logits)
+                                                          want_router_logits=want_router_logits,
+                                                          split=input_ids.shape[1])
         return layout, hidden_BLH, router_logits
 
     def causal_hidden(self, input_ids, doc_ids=None, position_ids=None, want_router_logits: bool = False):
