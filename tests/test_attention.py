@@ -81,30 +81,34 @@ def test_eager_gets_an_additive_mask_and_matches_sdpa():
     torch.testing.assert_close(a.diff_logits, b.diff_logits, rtol=1e-5, atol=1e-5)
 
 
+IDS = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
+DOCS = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
+
+
+def forward_backward(arch):
+    """Logits of both streams and the parameter gradients of a simple loss on them, for a fresh tiny model."""
+    model = TidarLM(tiny_model(arch, seed=4), MASK_ID, 4)
+    out = model(IDS, doc_ids=DOCS)
+    (out.ar_logits.square().mean() + out.diff_logits.square().mean()).backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "zaya"])
 def test_sdpa_gets_one_additive_mask_bit_identical_to_the_boolean_form(arch, monkeypatch):
     """SDPA receives the additive float mask (built once per forward, not converted in every layer); outputs and
     gradients equal those of the boolean mask SDPA used to get, bit for bit."""
     from ar2diff.model import attention
 
-    ids = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
-    docs = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
-    meta = build_tidar_layout(ids, MASK_ID, 4, doc_ids_BS=docs).meta
+    meta = build_tidar_layout(IDS, MASK_ID, 4, doc_ids_BS=DOCS).meta
     mask = attention.attention_mask_for("sdpa", meta)
     allowed = dense_mask(meta)
     assert mask.dtype == torch.float32 and mask.shape == allowed.shape == (2, 1, 42, 42)
     assert torch.equal(mask == 0, allowed) and bool((mask[~allowed] == torch.finfo(torch.float32).min).all())
 
-    def forward_backward():
-        model = TidarLM(tiny_model(arch, seed=4), MASK_ID, 4)
-        out = model(ids, doc_ids=docs)
-        (out.ar_logits.square().mean() + out.diff_logits.square().mean()).backward()
-        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    additive, additive_grads = forward_backward()
+    additive, additive_grads = forward_backward(arch)
     monkeypatch.setattr("ar2diff.model.tidar.attention_mask_for",
                         lambda impl, q, k=None, dtype=None: dense_mask(q, q if k is None else k))
-    boolean, boolean_grads = forward_backward()
+    boolean, boolean_grads = forward_backward(arch)
     assert torch.equal(additive.ar_logits, boolean.ar_logits)
     assert torch.equal(additive.diff_logits, boolean.diff_logits)
     assert additive_grads.keys() == boolean_grads.keys()
@@ -126,21 +130,12 @@ def test_training_layout_sdpa_skips_the_empty_quadrant_and_matches_one_dense_cal
         return real(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(split_attention.AttentionInterface._global_mapping, "sdpa", recording)
-    ids = torch.randint(3, MASK_ID, (2, 21), generator=torch.Generator().manual_seed(0))
-    docs = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
-
-    def forward_backward():
-        model = TidarLM(tiny_model(arch, seed=4), MASK_ID, 4)
-        out = model(ids, doc_ids=docs)
-        (out.ar_logits.square().mean() + out.diff_logits.square().mean()).backward()
-        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    split, split_grads = forward_backward()
+    split, split_grads = forward_backward(arch)
     layers = tiny_model(arch).config.num_hidden_layers
     assert seen == [(21, 42)] * layers  # every layer's attention got the marked mask of the 2S layout
     seen.clear()
     monkeypatch.setattr(tidar, "mark_split", lambda mask, S: mask)  # one dense call, as before
-    dense, dense_grads = forward_backward()
+    dense, dense_grads = forward_backward(arch)
     assert seen == [(None, 42)] * layers
     torch.testing.assert_close(split.ar_logits, dense.ar_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split.diff_logits, dense.diff_logits, rtol=1e-5, atol=1e-5)
@@ -148,7 +143,7 @@ def test_training_layout_sdpa_skips_the_empty_quadrant_and_matches_one_dense_cal
         torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6)
     # the causal (AR) forward and decoding steps are never marked
     seen.clear()
-    TidarLM(tiny_model(arch, seed=4), MASK_ID, 4).causal_logits(ids, docs)
+    TidarLM(tiny_model(arch, seed=4), MASK_ID, 4).causal_logits(IDS, DOCS)
     assert seen == [(None, 21)] * layers
 
 
