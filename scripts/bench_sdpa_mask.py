@@ -1,11 +1,12 @@
-"""The SDPA mask form: one additive float mask per forward (what ar2diff passes) vs the boolean mask (what it passed
-before), on a TiDAR training step of a conf model on CPU.
+"""The SDPA mask forms of a TiDAR training step of a conf model on CPU: the boolean mask in one call (what ar2diff
+passed two rounds ago), one additive float mask in one call, and the split SDPA (what it passes now).
 
 SDPA converts a boolean mask to an additive one inside every call, so every layer makes its own (B, 1, 2S, 2S)
-float copy and autograd keeps each for the backward; the additive form is built once and shared. Each form runs in
-a fresh process (the peak RSS of a process only grows): warm-up step, then --repeats timed steps (forward + backward
-+ AdamW, as scripts/bench_train.py). Reports the peak RSS above the pre-step baseline and the median step time,
-with the additive / boolean ratios.
+float copy and autograd keeps each for the backward; the additive form is built once and shared. The split form
+(`ar2diff.model.split_attention`) builds only the pieces its calls use: clean x clean and the runs of draft queries
+over the keys they can see. Each form runs in a fresh process (the peak RSS of a process only grows): warm-up
+step, then --repeats timed steps (forward + backward + AdamW, as scripts/bench_train.py). Reports the peak RSS
+above the pre-step baseline and the median step time, with the additive / boolean and split / additive ratios.
 
     python scripts/bench_sdpa_mask.py --model tiny_qwen3_moe --seq-len 4096 --batch 1
 """
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-FORMS = ("boolean", "additive")
+FORMS = ("boolean", "additive", "split")
 
 
 def one_form(form: str, model_name: str, seq_len: int, batch: int, repeats: int, threads: int) -> dict:
@@ -31,12 +32,14 @@ def one_form(form: str, model_name: str, seq_len: int, batch: int, repeats: int,
     from bench_train import load_tidar, time_step
 
     import ar2diff.model.tidar as tidar
-    from ar2diff.model.attention import dense_mask
+    from ar2diff.model.attention import attention_mask_for, dense_mask
     from ar2diff.objective import TidarObjective
 
     torch.set_num_threads(threads)
     if form == "boolean":
-        tidar.attention_mask_for = lambda impl, q, k=None, dtype=None: dense_mask(q, q if k is None else k)
+        tidar.split_mask = lambda meta, S, dtype: dense_mask(meta)
+    elif form == "additive":
+        tidar.split_mask = lambda meta, S, dtype: attention_mask_for("sdpa", meta, dtype=dtype)
     model, _ = load_tidar(model_name, 16, "cpu", torch.float32, seq_len)
     ids = torch.randint(0, model.mask_token_id, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -69,15 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             raise SystemExit(f"{form}: {proc.stderr[-2000:]}")
         rows[form] = json.loads(proc.stdout.strip().splitlines()[-1])
-    a, b = rows["additive"], rows["boolean"]
+    a, b, sp = rows["additive"], rows["boolean"], rows["split"]
     result = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch, "layers": a["layers"],
               "forms": rows, "peak_ratio_additive_over_boolean": a["peak_bytes_above_start"] /
-              max(b["peak_bytes_above_start"], 1), "time_ratio_additive_over_boolean": a["median_s"] / b["median_s"]}
+              max(b["peak_bytes_above_start"], 1), "time_ratio_additive_over_boolean": a["median_s"] / b["median_s"],
+              "peak_ratio_split_over_additive": sp["peak_bytes_above_start"] / max(a["peak_bytes_above_start"], 1),
+              "time_ratio_split_over_additive": sp["median_s"] / a["median_s"]}
     print(f"{args.model} ({a['layers']} layers), {args.batch} x {args.seq_len}, TiDAR step on CPU:")
     for form, r in rows.items():
         print(f"  {form:<9} peak +{r['peak_bytes_above_start'] / 2**20:8.0f} MiB   median {r['median_s']:.3f} s")
     print(f"  additive / boolean: peak {result['peak_ratio_additive_over_boolean']:.2f}, "
           f"time {result['time_ratio_additive_over_boolean']:.2f}")
+    print(f"  split / additive: peak {result['peak_ratio_split_over_additive']:.2f}, "
+          f"time {result['time_ratio_split_over_additive']:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -3,10 +3,12 @@
 One step = forward (TidarObjective.forward, the [clean | masked] layout of 2S positions, or .forward_ar, the plain
 causal forward of S positions) + backward + AdamW step. The two are interleaved over the repeats (after warm-up)
 so drift in the machine's speed hits both alike; the table shows median seconds per step and the ratio
-TiDAR / AR. The TiDAR forward runs twice the sequence, so ~2x is the floor for the matmuls; attention over 2S grows
-faster (up to 4x for its part), and the second loss and the layout add a little.
+TiDAR / AR. The TiDAR forward runs twice the sequence, so ~2x is the floor for the matmuls; attention over 2S would
+cost up to 4x the AR's in one dense call, and the split SDPA (`ar2diff.model.split_attention`) brings it to about
+1.9x at 4 runs of draft queries; `--compare-groups 0 8` times other settings in the same loop (0 = one dense call).
 
     python scripts/bench_train.py                                  # tiny_zaya and tiny_qwen3_moe on CPU
+    python scripts/bench_train.py --seq-len 4096 --batch 1 --compare-groups 0 8
     python scripts/bench_train.py --model path/to/export --seq-len 4096 --batch 1 --device cuda
 """
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (cuda also on ROCm builds)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compare-groups", type=int, nargs="*", default=[],
+                   help="also time TiDAR steps with these runs of draft queries in the split SDPA, interleaved in "
+                        "the same loop (0: the whole (2S)^2 mask in one dense SDPA call, the code before the split)")
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
     return p
 
@@ -101,6 +106,8 @@ def bench_model(spec: str, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     objective = TidarObjective(model)
     forwards = {"ar": objective.forward_ar, "tidar": objective.forward}
+    for groups in args.compare_groups:
+        forwards[f"tidar_groups{groups}"] = with_draft_groups(objective.forward, groups)
     for _ in range(args.warmup):
         for fwd in forwards.values():
             time_step(fwd, batch, opt, device)
@@ -113,7 +120,30 @@ def bench_model(spec: str, args) -> dict:
     return {"model": spec, "model_type": model_type, "params": sum(p.numel() for p in model.parameters()),
             "vocab": vocab, "batch": args.batch, "seq_len": args.seq_len, "block_size": model.block_size,
             "seconds": times, "median_s": med, "tokens_per_s": {k: tokens / v for k, v in med.items()},
-            "ratio_tidar_over_ar": med["tidar"] / med["ar"]}
+            "ratio_tidar_over_ar": med["tidar"] / med["ar"],
+            "ratios_over_ar": {k: v / med["ar"] for k, v in med.items() if k != "ar"}}
+
+
+def with_draft_groups(forward, groups: int):
+    """`forward` with the split SDPA's runs of draft queries set to `groups` for its call (0: one dense call)."""
+    import ar2diff.model.split_attention as split_attention
+    import ar2diff.model.tidar as tidar
+    from ar2diff.model.attention import attention_mask_for
+
+    def dense(meta, S, dtype):
+        return attention_mask_for("sdpa", meta, dtype=dtype)
+
+    def split(meta, S, dtype):
+        return split_attention.split_mask(meta, S, dtype, groups)
+
+    def run(**batch):
+        tidar.split_mask = dense if groups == 0 else split
+        try:
+            return forward(**batch)
+        finally:
+            tidar.split_mask = split_attention.split_mask
+
+    return run
 
 
 def print_table(rows: list[dict]) -> None:
@@ -124,6 +154,9 @@ def print_table(rows: list[dict]) -> None:
         shape = f"{r['batch']}x{r['seq_len']}"
         print(f"{r['model']:<18} {r['model_type']:<10} {shape:<10} "
               f"{r['median_s']['ar']:>10.4f} {r['median_s']['tidar']:>13.4f} {r['ratio_tidar_over_ar']:>6.2f}")
+        for name, ratio in r["ratios_over_ar"].items():
+            if name != "tidar":
+                print(f"{'':<18} {name:<21} {r['median_s'][name]:>24.4f} {ratio:>6.2f}")
     print("ratio = TiDAR / AR seconds per step (median); the TiDAR layout is 2S long, so ~2x is the floor.")
 
 
@@ -133,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if any(g < 0 for g in args.compare_groups):
+        raise SystemExit("--compare-groups takes counts >= 0")
     rows = [bench_model(spec, args) for spec in args.model]
     print_table(rows)
+    from ar2diff.model import split_attention
+
     report = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "draft_groups": split_attention.DRAFT_GROUPS,
               "torch": torch.__version__, "warmup": args.warmup, "repeats": args.repeats, "results": rows}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

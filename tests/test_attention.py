@@ -93,6 +93,14 @@ def forward_backward(arch):
     return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def one_dense_call(monkeypatch):
+    """Make the training forward pass its whole (2S)^2 mask to one SDPA call (no split plan)."""
+    from ar2diff.model import attention
+
+    monkeypatch.setattr("ar2diff.model.tidar.split_mask",
+                        lambda meta, S, dtype: attention.attention_mask_for("sdpa", meta, dtype=dtype))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "zaya"])
 def test_sdpa_gets_one_additive_mask_bit_identical_to_the_boolean_form(arch, monkeypatch):
     """SDPA receives the additive float mask (built once per forward, not converted in every layer); outputs and
@@ -105,9 +113,9 @@ def test_sdpa_gets_one_additive_mask_bit_identical_to_the_boolean_form(arch, mon
     assert mask.dtype == torch.float32 and mask.shape == allowed.shape == (2, 1, 42, 42)
     assert torch.equal(mask == 0, allowed) and bool((mask[~allowed] == torch.finfo(torch.float32).min).all())
 
+    one_dense_call(monkeypatch)
     additive, additive_grads = forward_backward(arch)
-    monkeypatch.setattr("ar2diff.model.tidar.attention_mask_for",
-                        lambda impl, q, k=None, dtype=None: dense_mask(q, q if k is None else k))
+    monkeypatch.setattr("ar2diff.model.tidar.split_mask", lambda meta, S, dtype: dense_mask(meta))
     boolean, boolean_grads = forward_backward(arch)
     assert torch.equal(additive.ar_logits, boolean.ar_logits)
     assert torch.equal(additive.diff_logits, boolean.diff_logits)
@@ -116,35 +124,81 @@ def test_sdpa_gets_one_additive_mask_bit_identical_to_the_boolean_form(arch, mon
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral", "olmoe", "zaya"])
-def test_training_layout_sdpa_skips_the_empty_quadrant_and_matches_one_dense_call(arch, monkeypatch):
-    """The training forward marks its mask with the split S, and the registered "sdpa" then runs two calls
-    (clean x clean, draft x all) instead of one over (2S)^2; outputs and gradients match the single dense call."""
+def test_training_layout_sdpa_skips_masked_blocks_and_matches_one_dense_call(arch, monkeypatch):
+    """The training forward hands its attention a split plan, and the registered "sdpa" then runs the clean
+    queries over the clean keys and the draft queries in runs over only the keys they can see; outputs and
+    gradients match the single dense call over (2S)^2."""
     import ar2diff.model.split_attention as split_attention
-    import ar2diff.model.tidar as tidar
 
     seen = []
     real = split_attention.split_sdpa_forward
 
     def recording(module, query, key, value, attention_mask, **kwargs):
-        seen.append((getattr(attention_mask, split_attention.SPLIT_ATTRIBUTE, None), query.shape[2]))
+        plan = getattr(attention_mask, split_attention.PLAN_ATTRIBUTE, None)
+        seen.append((None if plan is None else (plan.S, len(plan.runs)), query.shape[2]))
         return real(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(split_attention.AttentionInterface._global_mapping, "sdpa", recording)
     split, split_grads = forward_backward(arch)
     layers = tiny_model(arch).config.num_hidden_layers
-    assert seen == [(21, 42)] * layers  # every layer's attention got the marked mask of the 2S layout
+    assert seen == [((21, split_attention.DRAFT_GROUPS), 42)] * layers  # every layer got the plan of the 2S layout
     seen.clear()
-    monkeypatch.setattr(tidar, "mark_split", lambda mask, S: mask)  # one dense call, as before
+    one_dense_call(monkeypatch)
     dense, dense_grads = forward_backward(arch)
     assert seen == [(None, 42)] * layers
     torch.testing.assert_close(split.ar_logits, dense.ar_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split.diff_logits, dense.diff_logits, rtol=1e-5, atol=1e-5)
     for name, grad in split_grads.items():
         torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6)
-    # the causal (AR) forward and decoding steps are never marked
+    # the causal (AR) forward and decoding steps are never split
     seen.clear()
     TidarLM(tiny_model(arch, seed=4), MASK_ID, 4).causal_logits(IDS, DOCS)
     assert seen == [(None, 21)] * layers
+
+
+@pytest.mark.parametrize("groups", [1, 3, 21])
+def test_split_plan_drops_only_masked_columns_and_its_masks_are_the_dense_ones(groups):
+    """Each run of draft queries keeps every key column any of its queries can see; the columns it drops are masked
+    for all of them, and its mask equals the dense mask on the columns kept (packed documents, partial blocks and a
+    random-ratio draft)."""
+    from ar2diff.model.attention import attention_mask_for
+    from ar2diff.model.split_attention import plan_split
+
+    draft = torch.rand(2, 21, generator=torch.Generator().manual_seed(3)) < 0.6
+    meta = build_tidar_layout(IDS, MASK_ID, 4, doc_ids_BS=DOCS, draft_mask_BS=draft).meta
+    full = attention_mask_for("sdpa", meta)
+    plan = plan_split(meta, 21, torch.float32, groups)
+    assert torch.equal(plan.clean_mask, full[:, :, :21, :21]) and not bool((full[:, :, :21, 21:] == 0).any())
+    assert [(r.start, r.stop) for r in plan.runs][0][0] == 0 and plan.runs[-1].stop == 21
+    assert all(a.stop == b.start for a, b in zip(plan.runs, plan.runs[1:])) and len(plan.runs) == groups
+    kept_pairs = 21 * 21
+    for run in plan.runs:
+        rows = full[:, :, 21 + run.start:21 + run.stop]
+        cols = list(range(run.clean_stop)) + list(range(21 + run.draft_start, 21 + run.draft_stop))
+        dropped = [c for c in range(42) if c not in cols]
+        assert torch.equal(run.mask, rows[..., cols])
+        assert not bool((rows[..., dropped] == 0).any())
+        kept_pairs += run.mask.shape[-2] * run.mask.shape[-1]
+    if groups == 21:  # one query a run: each keeps its own clean prefix and block, far below the 21 x 42 pairs
+        assert kept_pairs < 21 * 21 + 21 * 42 * 0.7
+
+
+def test_split_plan_refuses_what_is_not_the_training_layout():
+    from ar2diff.model.layout import TokenMeta
+    from ar2diff.model.split_attention import plan_split, split_mask, split_sdpa_forward
+
+    meta = build_tidar_layout(IDS, MASK_ID, 4, doc_ids_BS=DOCS).meta
+    with pytest.raises(ValueError, match="2S = 40"):
+        plan_split(meta, 20, torch.float32)
+    swapped = TokenMeta(*(torch.cat([getattr(meta, f)[:, 21:], getattr(meta, f)[:, :21]], 1)
+                          for f in TokenMeta.fields()))
+    with pytest.raises(ValueError, match="not the TiDAR training layout"):
+        plan_split(swapped, 21, torch.float32)
+    mask = split_mask(meta, 21, torch.float32)
+    assert mask.shape == (2, 1, 42, 42) and mask.untyped_storage().nbytes() == 4  # a placeholder: one float
+    q = torch.zeros(2, 2, 40, 8)
+    with pytest.raises(ValueError, match="reached attention over 40 queries"):
+        split_sdpa_forward(torch.nn.Module(), q, q, q, mask)
 
 
 def test_unmarked_masks_go_to_transformers_sdpa_unchanged():

@@ -20,9 +20,11 @@ def run(script, *args):
 def test_bench_train_reports_the_tidar_over_ar_ratio(tmp_path):
     out = tmp_path / "train.json"
     run("bench_train.py", "--model", "tiny_qwen3_moe", "--batch", "2", "--seq-len", "32", "--warmup", "0",
-        "--repeats", "1", "--out", str(out))
+        "--repeats", "1", "--compare-groups", "0", "2", "--out", str(out))
     (row,) = json.loads(out.read_text())["results"]
     assert row["ratio_tidar_over_ar"] == row["median_s"]["tidar"] / row["median_s"]["ar"] > 0
+    assert set(row["ratios_over_ar"]) == {"tidar", "tidar_groups0", "tidar_groups2"}
+    assert row["ratios_over_ar"]["tidar_groups0"] == row["median_s"]["tidar_groups0"] / row["median_s"]["ar"]
 
 
 def test_bench_decode_greedy_samplers_agree_with_ar_and_generate(tmp_path):
@@ -198,12 +200,14 @@ def test_router_load_cli_reports_loads_and_a_paired_loss(tmp_path):
     assert bad.returncode == 2 and "--against compares held-out losses: give --loss-windows N too" in bad.stderr
 
 
-def test_bench_sdpa_mask_runs_both_forms_in_fresh_processes(tmp_path):
+def test_bench_sdpa_mask_runs_every_form_in_fresh_processes(tmp_path):
     out = tmp_path / "mask.json"
     stdout = run("bench_sdpa_mask.py", "--seq-len", "64", "--repeats", "1", "--out", str(out))
     res = json.loads(out.read_text())
-    boolean, additive = res["forms"]["boolean"], res["forms"]["additive"]
-    assert boolean["form"] == "boolean" and additive["form"] == "additive" and res["layers"] >= 1
+    boolean, additive, split = res["forms"]["boolean"], res["forms"]["additive"], res["forms"]["split"]
+    assert [boolean["form"], additive["form"], split["form"]] == ["boolean", "additive", "split"]
+    assert res["layers"] >= 1
     assert res["time_ratio_additive_over_boolean"] == additive["median_s"] / boolean["median_s"]
-    assert len(boolean["seconds"]) == len(additive["seconds"]) == 1
-    assert "additive / boolean: peak" in stdout
+    assert res["time_ratio_split_over_additive"] == split["median_s"] / additive["median_s"]
+    assert len(boolean["seconds"]) == len(additive["seconds"]) == len(split["seconds"]) == 1
+    assert "additive / boolean: peak" in stdout and "split / additive: peak" in stdout

@@ -21,7 +21,7 @@ from ar2diff.model.attention import attention_mask_for
 from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, causal_meta, positions_from_docs,
                                   sample_draft_mask)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
-from ar2diff.model.split_attention import mark_split
+from ar2diff.model.split_attention import split_mask
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter
 
 
@@ -85,13 +85,14 @@ class TidarLM(nn.Module):
                        split: int | None = None):
         """The attention mask in the shape this architecture's forward takes (a dict per layer type for some).
         `impl` overrides the model's attention implementation (sequence parallelism wraps it). `split` = S marks
-        an SDPA mask of the `[clean | draft]` training layout, so SDPA skips its empty quadrant
-        (`ar2diff.model.split_attention`)."""
+        the records as the `[clean | draft]` training layout of split S, whose SDPA skips the blocks its mask leaves
+        empty (`ar2diff.model.split_attention`)."""
         impl = impl or self.config._attn_implementation
         dtype = self.lm.get_input_embeddings().weight.dtype
-        mask = attention_mask_for(impl, q_meta, k_meta, dtype=dtype)
-        if split is not None and impl == "sdpa":
-            mark_split(mask, split)
+        if split is not None and impl == "sdpa" and k_meta is q_meta:
+            mask = split_mask(q_meta, split, dtype)
+        else:
+            mask = attention_mask_for(impl, q_meta, k_meta, dtype=dtype)
         layer_types = getattr(self.config, "layer_types", None)
         if self.config.model_type == "zaya":
             if "hybrid_sliding" in layer_types:

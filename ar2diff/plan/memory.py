@@ -19,7 +19,9 @@ sequence-parallel size, b the micro batch):
 - logits: the LM head and loss over all T positions: logits in the model dtype, their fp32 upcast and gradient
   (12 B per logit in bf16); with `objective.loss_chunk_tokens` one chunk at a time.
 - mask: flex BlockMask tiles (`ar2diff.model.flex_mask`: O(T + (T/128)^2)); SDPA's dense boolean b*T^2 plus its
-  build peak (`DENSE_BYTES_PER_PAIR`). The mask covers the full row on every rank (not divided by P).
+  build peak (`DENSE_BYTES_PER_PAIR`), or for the TiDAR layout without SP the split SDPA's pieces
+  (`ar2diff.model.split_attention`: at most 3/4 of that). The mask covers the full row on every rank (not divided
+  by P).
 """
 
 from __future__ import annotations
@@ -143,7 +145,10 @@ def mask_bytes(t: TrainShape) -> float:
     if t.attn_implementation == "flex_attention":
         tiles = (-(-T // FLEX_TILE)) ** 2
         return t.micro_batch * (tiles * 4 * (4 + 4 + 1 + 1) + T * 8 * 10)
-    return t.micro_batch * T * T * (DENSE_BYTES_PER_PAIR + DTYPE_BYTES[t.precision])  # predicate + additive mask
+    pairs = T * T
+    if t.layout_factor == 2 and t.sequence_parallel == 1:  # the split SDPA: S x S clean + at most S x 2S draft pairs
+        pairs = T * T * 3 // 4
+    return t.micro_batch * pairs * (DENSE_BYTES_PER_PAIR + DTYPE_BYTES[t.precision])  # predicate + additive mask
 
 
 def plan_memory(m: ModelShape, t: TrainShape) -> MemoryPlan:
