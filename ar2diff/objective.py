@@ -312,17 +312,18 @@ class TidarObjective(nn.Module):
         aux = self.balancing_loss(router_logits, layout.meta.doc >= 0)
         head = self.model.head
         targets = (input_ids, doc_ids, loss_mask, draft_mask)
+        # split, not two slices: a slice's backward zero-fills a gradient of the whole 2S tensor; a split's is one cat
         if self.loss_chunk_size and not return_logits:
-            terms = tidar_loss_from_hidden(hidden_BLH[:, :S], hidden_BLH[:, S:], head, *targets,
+            terms = tidar_loss_from_hidden(*hidden_BLH.split(S, dim=1), head, *targets,
                                            chunk_size=self.loss_chunk_size, alpha=self.alpha, aux_loss=aux,
                                            aux_coef=self.aux_coef, diff_target=self.diff_target)
             return TidarOutput(loss=terms.loss, terms=terms, layout=layout)
-        logits_BLV = head(hidden_BLH)
-        terms = tidar_loss(logits_BLV[:, :S], logits_BLV[:, S:], *targets, alpha=self.alpha, aux_loss=aux,
+        ar_logits_BSV, diff_logits_BSV = head(hidden_BLH).split(S, dim=1)
+        terms = tidar_loss(ar_logits_BSV, diff_logits_BSV, *targets, alpha=self.alpha, aux_loss=aux,
                            aux_coef=self.aux_coef, diff_target=self.diff_target)
         out = TidarOutput(loss=terms.loss, terms=terms, layout=layout)
         if return_logits:
-            out.ar_logits, out.diff_logits = logits_BLV[:, :S], logits_BLV[:, S:]
+            out.ar_logits, out.diff_logits = ar_logits_BSV, diff_logits_BSV
         return out
 
     def forward_ar(self, input_ids, doc_ids=None, position_ids=None, loss_mask=None,

@@ -4,11 +4,12 @@ One step = forward (TidarObjective.forward, the [clean | masked] layout of 2S po
 causal forward of S positions) + backward + AdamW step. The two are interleaved over the repeats (after warm-up)
 so drift in the machine's speed hits both alike; the table shows median seconds per step and the ratio
 TiDAR / AR. The TiDAR forward runs twice the sequence, so ~2x is the floor for the matmuls; attention over 2S would
-cost up to 4x the AR's in one dense call, and the split SDPA (`ar2diff.model.split_attention`) brings it to about
-1.9x at 4 runs of draft queries; `--compare-groups 0 8` times other settings in the same loop (0 = one dense call).
+cost up to 4x the AR's in one dense call, and the split SDPA (`ar2diff.model.split_attention`) brings it to
+1.7-1.9x with its runs of draft queries; `--compare-groups 0 4` times other run counts in the same loop (0 = one
+dense call over (2S)^2, the code before the split).
 
     python scripts/bench_train.py                                  # tiny_zaya and tiny_qwen3_moe on CPU
-    python scripts/bench_train.py --seq-len 4096 --batch 1 --compare-groups 0 8
+    python scripts/bench_train.py --seq-len 4096 --batch 1 --compare-groups 0 4
     python scripts/bench_train.py --model path/to/export --seq-len 4096 --batch 1 --device cuda
 """
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from ar2diff.model import split_attention
 
     report = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "draft_groups": split_attention.DRAFT_GROUPS,
+              "draft_groups": split_attention.draft_groups(args.seq_len),
               "torch": torch.__version__, "warmup": args.warmup, "repeats": args.repeats, "results": rows}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -139,9 +139,10 @@ def test_training_layout_sdpa_skips_masked_blocks_and_matches_one_dense_call(arc
         return real(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(split_attention.AttentionInterface._global_mapping, "sdpa", recording)
+    monkeypatch.setattr(split_attention, "MIN_RUN_ROWS", 4)  # 5 runs of draft queries at S = 21
     split, split_grads = forward_backward(arch)
     layers = tiny_model(arch).config.num_hidden_layers
-    assert seen == [((21, split_attention.DRAFT_GROUPS), 42)] * layers  # every layer got the plan of the 2S layout
+    assert seen == [((21, 5), 42)] * layers  # every layer got the plan of the 2S layout
     seen.clear()
     one_dense_call(monkeypatch)
     dense, dense_grads = forward_backward(arch)
@@ -183,6 +184,12 @@ def test_split_plan_drops_only_masked_columns_and_its_masks_are_the_dense_ones(g
         assert kept_pairs < 21 * 21 + 21 * 42 * 0.7
 
 
+def test_default_runs_of_draft_queries_grow_with_the_sequence_up_to_a_cap():
+    from ar2diff.model.split_attention import MAX_DRAFT_GROUPS, draft_groups
+
+    assert draft_groups(21) == 1 and draft_groups(256) == 4 and draft_groups(4096) == MAX_DRAFT_GROUPS == 8
+
+
 def test_split_plan_refuses_what_is_not_the_training_layout():
     from ar2diff.model.layout import TokenMeta
     from ar2diff.model.split_attention import plan_split, split_mask, split_sdpa_forward
@@ -201,7 +208,7 @@ def test_split_plan_refuses_what_is_not_the_training_layout():
         split_sdpa_forward(torch.nn.Module(), q, q, q, mask)
 
 
-def test_unmarked_masks_go_to_transformers_sdpa_unchanged():
+def test_masks_without_a_plan_go_to_transformers_sdpa_unchanged():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from ar2diff.model.split_attention import split_sdpa_forward

@@ -102,10 +102,11 @@ def attention_mask_for(impl: str, q_meta: TokenMeta, k_meta: TokenMeta | None = 
     SDPA and eager get an additive float mask (0 = attend, the dtype's lowest value = not), built once per forward
     and shared by every layer. Eager adds the mask to the scores, so a boolean there would silently give wrong
     logits. SDPA would take a boolean, but converts it to an additive mask inside every call: once per layer, with
-    each layer's copy held for the backward (`scripts/bench_sdpa_mask.py`: 0.85-0.90x the peak memory of a 4-layer
-    model's training step at S = 4096 on CPU; the README has the step times). For every query with at least one
-    visible key the result is bit-identical to the boolean form. Flex takes a BlockMask. A dense mask that would not
-    fit in memory is refused with DenseMaskTooLargeError.
+    each layer's copy held for the backward (`scripts/bench_sdpa_mask.py`: 0.72-0.78x the peak memory of a 4-layer
+    model's training step at S = 4096 on CPU, in one dense call; the README has the step times). For every query
+    with at least one visible key the result is bit-identical to the boolean form. Flex takes a BlockMask. A dense
+    mask that would not fit in memory is refused with DenseMaskTooLargeError. The training forward's SDPA mask is
+    built by `ar2diff.model.split_attention.split_mask` instead, in pieces of the same predicate.
     """
     k_meta = q_meta if k_meta is None else k_meta
     if impl in ("sdpa", "eager"):

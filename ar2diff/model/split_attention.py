@@ -3,17 +3,20 @@
 In the `[clean | draft]` training layout (`ar2diff.model.layout`) a clean query sees only clean keys, and a draft
 query sees the clean keys before its block plus the drafts of its own block (`can_attend`). One dense SDPA call over
 (2S)^2 computes all 4S^2 scores, though the visible ones are about S^2/2 + S^2/2 + S * block. A dense kernel cannot
-skip masked entries inside a call, so the training forward marks its mask with the split S (`mark_split`), and the
-registered "sdpa" function then runs:
+skip masked entries inside a call, so the training forward passes a split plan instead of a mask (`split_mask`),
+and the registered "sdpa" function then runs:
 
 - the clean queries over the clean keys: one S x S call, the same work as the AR forward's attention;
-- the draft queries in `groups` contiguous runs of rows, each over only the key columns some query of the run can
-  see: the clean prefix up to the run's end and the drafts within a block of the run.
+- the draft queries in contiguous runs of rows (`draft_groups`), each over only the key columns some query of the
+  run can see: the clean prefix up to the run's end and the drafts within a block of the run.
 
-Those key columns are read off the mask itself once per forward (`SplitPlan`), so a column is dropped only where
-every query of the run has it masked: each query's softmax is over the same visible keys as in the one dense call.
-With 4 runs the draft queries cost about 0.9 S^2 scores instead of 2 S^2. Any unmarked mask (the AR forward,
-decoding, sequence parallelism, any other model in the process) goes to transformers' own `sdpa_attention_forward`.
+Those key columns are read off the predicate once per forward (`plan_split`), which builds only the mask pieces the
+calls use; a column is dropped only where every query of the run has it masked, so each query's softmax is over the
+same visible keys as in one dense call.
+With g runs the draft queries cost about S^2 ((g + 1) / 2g + 1/g) scores instead of 2 S^2 (0.88 S^2 at 4 runs,
+0.69 S^2 at 8), so the whole attention costs about 1.7-1.9x the AR forward's S^2. Any mask without a plan (the AR
+forward, decoding, sequence parallelism, any other model in the process) goes to transformers' own
+`sdpa_attention_forward`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from ar2diff.model.attention import check_dense_mask_fits, dense_mask
 from ar2diff.model.layout import TokenMeta
 
 PLAN_ATTRIBUTE = "_ar2diff_tidar_split"
-DRAFT_GROUPS = 4  # runs of draft queries; scripts/bench_train.py --draft-groups measures others
+# Runs of draft queries: S // MIN_RUN_ROWS, at most MAX_DRAFT_GROUPS (scripts/bench_train.py --compare-groups
+# measures other counts; more runs cut the scores but add a call, a mask piece and key copies each).
+MAX_DRAFT_GROUPS = 8
+MIN_RUN_ROWS = 64
+
+
+def draft_groups(S: int) -> int:
+    """The default number of runs of draft queries for a layout of split S (4 at S = 256, 8 from S = 512)."""
+    return max(1, min(MAX_DRAFT_GROUPS, S // MIN_RUN_ROWS))
 
 
 @dataclass
@@ -65,12 +76,13 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def plan_split(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int = DRAFT_GROUPS) -> SplitPlan:
+def plan_split(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int | None = None) -> SplitPlan:
     """The calls `split_sdpa_forward` makes for the records of a `[clean | draft]` training layout (B, 2S), with
     their additive masks (`can_attend`, as `ar2diff.model.attention.attention_mask_for` builds the whole one).
 
-    Raises ValueError if the records are not of that layout (clean first, then draft) or if a query sees no key
-    (its softmax would change when its masked columns are dropped)."""
+    `groups` runs of draft queries (default `draft_groups(S)`). Raises ValueError if the records are not of that
+    layout (clean first, then draft) or if a query sees no key (its softmax would change when its masked columns
+    are dropped)."""
     if meta.doc.shape[1] != 2 * S:
         raise ValueError(f"the split SDPA needs the records of a 2S = {2 * S} layout, got {meta.doc.shape[1]}")
     if bool(meta.is_draft[:, :S].any()) or not bool(meta.is_draft[:, S:].all()):
@@ -81,6 +93,7 @@ def plan_split(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int = DRAFT_
     if not bool(allowed.any(dim=-1).all()):
         raise ValueError("a clean query of this layout sees no key: the split SDPA would change its softmax")
     runs = []
+    groups = draft_groups(S) if groups is None else groups
     bounds = torch.linspace(0, S, max(1, min(groups, S)) + 1).round().long().tolist()
     for start, stop in zip(bounds[:-1], bounds[1:]):
         seen = dense_mask(_rows(meta, S + start, S + stop), meta)  # (B, 1, rows, 2S)
@@ -96,13 +109,28 @@ def plan_split(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int = DRAFT_
 
 def split_mask(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int | None = None) -> torch.Tensor:
     """The SDPA `attention_mask` of a training forward: a (B, 1, 2S, 2S) zero-stride placeholder that carries the
-    `SplitPlan` (`groups` runs of draft queries, default DRAFT_GROUPS). transformers passes a 4D mask through to
+    `SplitPlan` (`groups` runs of draft queries, default `draft_groups(S)`). transformers passes a 4D mask through to
     the attention function unchanged; `split_sdpa_forward` reads the plan and never the placeholder's values."""
-    plan = plan_split(meta, S, dtype, DRAFT_GROUPS if groups is None else groups)
+    plan = plan_split(meta, S, dtype, groups)
     B = meta.doc.shape[0]
     placeholder = torch.zeros((1, 1, 1, 1), dtype=dtype, device=meta.doc.device).expand(B, 1, 2 * S, 2 * S)
     setattr(placeholder, PLAN_ATTRIBUTE, plan)
     return placeholder
+
+
+def _gather_ranges(x: torch.Tensor, calls: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """For each call, x[:, :, lo:hi] of its ranges concatenated in order, from one split of x at every boundary.
+
+    Slicing x once per range would make autograd zero-fill a full-size gradient per slice and add them up; one split
+    leaves each piece's gradient the size of the piece, joined by a single cat in the backward."""
+    cuts = sorted({0, x.shape[2], *(b for ranges in calls for r in ranges for b in r)})
+    pieces = x.split([b - a for a, b in zip(cuts[:-1], cuts[1:])], dim=2)
+    index = {c: i for i, c in enumerate(cuts)}
+    out = []
+    for ranges in calls:
+        parts = [p for lo, hi in ranges for p in pieces[index[lo]:index[hi]]]
+        out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return out
 
 
 def split_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
@@ -114,13 +142,12 @@ def split_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
     if query.shape[2] != 2 * S or key.shape[2] != 2 * S:  # the placeholder must never be used as a mask
         raise ValueError(f"the split SDPA plan of a 2S = {2 * S} layout reached attention over {query.shape[2]} "
                          f"queries x {key.shape[2]} keys")
-    outputs = [sdpa_attention_forward(module, query[:, :, :S], key[:, :, :S], value[:, :, :S], plan.clean_mask,
-                                      **kwargs)[0]]
-    for run in plan.runs:
-        keys = torch.cat([key[:, :, :run.clean_stop], key[:, :, S + run.draft_start:S + run.draft_stop]], dim=2)
-        values = torch.cat([value[:, :, :run.clean_stop], value[:, :, S + run.draft_start:S + run.draft_stop]], dim=2)
-        outputs.append(sdpa_attention_forward(module, query[:, :, S + run.start:S + run.stop], keys, values,
-                                              run.mask, **kwargs)[0])
+    queries = query.split([S] + [run.stop - run.start for run in plan.runs], dim=2)
+    calls = [[(0, S)]] + [[(0, run.clean_stop), (S + run.draft_start, S + run.draft_stop)] for run in plan.runs]
+    keys, values = _gather_ranges(key, calls), _gather_ranges(value, calls)
+    masks = [plan.clean_mask] + [run.mask for run in plan.runs]
+    outputs = [sdpa_attention_forward(module, q, k, v, m, **kwargs)[0]
+               for q, k, v, m in zip(queries, keys, values, masks)]
     return torch.cat(outputs, dim=1), None
 
 
