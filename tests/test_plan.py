@@ -52,6 +52,7 @@ def test_sequence_parallel_divides_activations_and_logits_but_not_the_mask():
     # without SP the TiDAR layout's SDPA is split and skips the clean x draft quarter; SP passes the whole mask
     sdpa = replace(BASE, attn_implementation="sdpa")
     assert mask_bytes(replace(sdpa, sequence_parallel=2)) == pytest.approx(mask_bytes(sdpa) * 4 / 3)
+    assert mask_bytes(replace(BASE, attn_implementation="eager")) == mask_bytes(replace(sdpa, sequence_parallel=2))
 
 
 def test_cli_reads_the_checkpoint_config_and_says_whether_it_fits(tmp_path, capsys):

@@ -95,6 +95,11 @@ def check_dense_mask_fits(impl: str, q_meta: TokenMeta, k_meta: TokenMeta, dtype
             "model.attn_implementation=flex_attention (its BlockMask is built without a dense mask)")
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as the additive float mask SDPA and eager take: 0 or the dtype's lowest value."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def attention_mask_for(impl: str, q_meta: TokenMeta, k_meta: TokenMeta | None = None,
                        dtype: torch.dtype = torch.float32):
     """The mask in the form the model's attention implementation takes.
@@ -111,9 +116,7 @@ def attention_mask_for(impl: str, q_meta: TokenMeta, k_meta: TokenMeta | None = 
     k_meta = q_meta if k_meta is None else k_meta
     if impl in ("sdpa", "eager"):
         check_dense_mask_fits(impl, q_meta, k_meta, dtype)
-        allowed = dense_mask(q_meta, k_meta)
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        return additive_mask(dense_mask(q_meta, k_meta), dtype)
     if impl == "flex_attention":
         return block_mask(q_meta, k_meta)
     raise ValueError(

@@ -27,7 +27,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ar2diff.model.attention import check_dense_mask_fits, dense_mask
+from ar2diff.model.attention import additive_mask, check_dense_mask_fits, dense_mask
 from ar2diff.model.layout import TokenMeta
 
 PLAN_ATTRIBUTE = "_ar2diff_tidar_split"
@@ -72,10 +72,6 @@ def _rows(meta: TokenMeta, start: int, stop: int) -> TokenMeta:
     return TokenMeta(*(getattr(meta, f)[:, start:stop] for f in TokenMeta.fields()))
 
 
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def plan_split(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int | None = None) -> SplitPlan:
     """The calls `split_sdpa_forward` makes for the records of a `[clean | draft]` training layout (B, 2S), with
     their additive masks (`can_attend`, as `ar2diff.model.attention.attention_mask_for` builds the whole one).
@@ -103,8 +99,8 @@ def plan_split(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int | None =
         _, clean_stop = _span(seen_K[:S])
         draft_start, draft_stop = _span(seen_K[S:])
         kept = torch.cat([seen[..., :clean_stop], seen[..., S + draft_start:S + draft_stop]], dim=-1)
-        runs.append(DraftRun(start, stop, clean_stop, draft_start, draft_stop, _additive(kept, dtype)))
-    return SplitPlan(S, _additive(allowed, dtype), runs)
+        runs.append(DraftRun(start, stop, clean_stop, draft_start, draft_stop, additive_mask(kept, dtype)))
+    return SplitPlan(S, additive_mask(allowed, dtype), runs)
 
 
 def split_mask(meta: TokenMeta, S: int, dtype: torch.dtype, groups: int | None = None) -> torch.Tensor:

@@ -146,7 +146,8 @@ def mask_bytes(t: TrainShape) -> float:
         tiles = (-(-T // FLEX_TILE)) ** 2
         return t.micro_batch * (tiles * 4 * (4 + 4 + 1 + 1) + T * 8 * 10)
     pairs = T * T
-    if t.layout_factor == 2 and t.sequence_parallel == 1:  # the split SDPA: S x S clean + at most S x 2S draft pairs
+    if t.attn_implementation == "sdpa" and t.layout_factor == 2 and t.sequence_parallel == 1:
+        # the split SDPA of the training layout: S x S clean + at most S x 2S draft pairs
         pairs = T * T * 3 // 4
     return t.micro_batch * pairs * (DENSE_BYTES_PER_PAIR + DTYPE_BYTES[t.precision])  # predicate + additive mask
 
