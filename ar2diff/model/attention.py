@@ -66,9 +66,9 @@ class DenseMaskTooLargeError(MemoryError):
     """The dense (B, 1, Q, K) mask of SDPA/eager attention would not fit in the device's free memory."""
 
 
-def dense_mask_bytes(impl: str, B: int, Q: int, K: int, dtype: torch.dtype = torch.float32) -> int:
-    """Peak bytes of building the dense mask form of `impl` ("sdpa" or "eager") for B rows of Q queries, K keys: the
-    boolean predicate's and the additive float mask's."""
+def dense_mask_bytes(B: int, Q: int, K: int, dtype: torch.dtype = torch.float32) -> int:
+    """Peak bytes of building the dense mask SDPA and eager take for B rows of Q queries, K keys: the boolean
+    predicate's and the additive float mask's."""
     return B * Q * K * (DENSE_BYTES_PER_PAIR + dtype.itemsize)
 
 
@@ -86,7 +86,7 @@ def free_memory_bytes(device: torch.device) -> int | None:
 def check_dense_mask_fits(impl: str, q_meta: TokenMeta, k_meta: TokenMeta, dtype: torch.dtype) -> None:
     """Raise DenseMaskTooLargeError, naming the fix, before a dense mask that cannot fit is allocated."""
     (B, Q), K = q_meta.doc.shape, k_meta.doc.shape[1]
-    need = dense_mask_bytes(impl, B, Q, K, dtype)
+    need = dense_mask_bytes(B, Q, K, dtype)
     free = free_memory_bytes(q_meta.doc.device)
     if free is not None and need > free:
         raise DenseMaskTooLargeError(
