@@ -157,16 +157,20 @@ def test_training_layout_sdpa_skips_masked_blocks_and_matches_one_dense_call(arc
     assert seen == [(None, 21)] * layers
 
 
+PADDED_DOCS = torch.tensor([[0] * 8 + [1] * 13, [0] * 15 + [-1] * 6])
+
+
+@pytest.mark.parametrize("docs", [DOCS, PADDED_DOCS], ids=["packed", "padded"])
 @pytest.mark.parametrize("groups", [1, 3, 21])
-def test_split_plan_drops_only_masked_columns_and_its_masks_are_the_dense_ones(groups):
+def test_split_plan_drops_only_masked_columns_and_its_masks_are_the_dense_ones(groups, docs):
     """Each run of draft queries keeps every key column any of its queries can see; the columns it drops are masked
-    for all of them, and its mask equals the dense mask on the columns kept (packed documents, partial blocks and a
-    random-ratio draft)."""
+    for all of them, and its mask equals the dense mask on the columns kept (packed documents, padding, partial
+    blocks and a random-ratio draft)."""
     from ar2diff.model.attention import attention_mask_for
     from ar2diff.model.split_attention import plan_split
 
     draft = torch.rand(2, 21, generator=torch.Generator().manual_seed(3)) < 0.6
-    meta = build_tidar_layout(IDS, MASK_ID, 4, doc_ids_BS=DOCS, draft_mask_BS=draft).meta
+    meta = build_tidar_layout(IDS, MASK_ID, 4, doc_ids_BS=docs, draft_mask_BS=draft).meta
     full = attention_mask_for("sdpa", meta)
     plan = plan_split(meta, 21, torch.float32, groups)
     assert torch.equal(plan.clean_mask, full[:, :, :21, :21]) and not bool((full[:, :, :21, 21:] == 0).any())
