@@ -29,21 +29,21 @@ def one_form(form: str, model_name: str, seq_len: int, batch: int, repeats: int,
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import load_tidar, time_step
+    from bench_train import load_tidar, time_step, with_draft_groups
 
     import ar2diff.model.tidar as tidar
-    from ar2diff.model.attention import attention_mask_for, dense_mask
+    from ar2diff.model.attention import dense_mask
     from ar2diff.objective import TidarObjective
 
     torch.set_num_threads(threads)
     if form == "boolean":
         tidar.split_mask = lambda meta, S, dtype: dense_mask(meta)
-    elif form == "additive":
-        tidar.split_mask = lambda meta, S, dtype: attention_mask_for("sdpa", meta, dtype=dtype)
     model, _ = load_tidar(model_name, 16, "cpu", torch.float32, seq_len)
     ids = torch.randint(0, model.mask_token_id, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     step = TidarObjective(model).forward
+    if form == "additive":  # the additive mask in one dense call, as bench_train.py --compare-groups 0 times it
+        step = with_draft_groups(step, 0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = [time_step(step, {"input_ids": ids}, opt, torch.device("cpu")) for _ in range(1 + repeats)][1:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
