@@ -8,13 +8,19 @@ teacher-forced agreement means (argmax agreement and E[min(1, p/q)] over the dra
 rows). Exit status 1 when any TPF interval pair is disjoint: the measurement would then tell the seeds apart, not the
 samplers.
 
+It also says whether the runs converted the same base checkpoint. A run that trains its own base (the quickstart
+without `model.path`) gives each seed a different pretrained model, and the drafter's agreement follows the base; with
+`model.path=BASE` the seeds vary only the conversion, as when converting a released checkpoint.
+
     python scripts/compare_seeds.py RUN_SEED0 RUN_SEED1 [--out compare.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +36,35 @@ def phase_evals(run: Path) -> dict[str, dict]:
     if not out:
         raise SystemExit(f"{run}: no <phase>/eval.json (is it a pipeline run folder with the decoder check on?)")
     return out
+
+
+def base_checkpoint(run: Path) -> Path | None:
+    """The checkpoint the run's first TiDAR phase converted (`quality_base` of its first eval.json), if recorded."""
+    first = phase_evals(run)
+    base = next((e.get("quality_base") for e in first.values() if e.get("quality_base")), None)
+    return Path(base) if base else None
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over a checkpoint folder's *.safetensors files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def same_base(runs: list[Path]) -> str:
+    """'same': one base folder; 'identical': equal weights in different folders; 'different'; or 'unknown'."""
+    bases = [base_checkpoint(r) for r in runs]
+    if any(b is None for b in bases):
+        return "unknown"
+    if len({os.path.realpath(b) for b in bases}) == 1:
+        return "same"
+    if not all(any(b.glob("*.safetensors")) for b in bases):
+        return "unknown"
+    return "identical" if len({weights_digest(b) for b in bases}) == 1 else "different"
 
 
 def compare(runs: list[Path]) -> list[dict]:
@@ -76,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.runs) < 2:
         p.error("give at least two run folders")
     rows = compare(args.runs)
+    base = same_base(args.runs)
+    print({"same": "bases: one base checkpoint; the seeds vary only the conversion",
+           "identical": "bases: identical weights; the seeds vary only the conversion",
+           "different": "bases: different base checkpoints; the seeds vary the pretrained model too",
+           "unknown": "bases: not recorded in eval.json"}[base])
     print("| phase | T | quantity | " + " | ".join(r.name for r in args.runs) + " | overlap |")
     print("|---|---|---|" + "---|" * len(args.runs) + "---|")
     for row in rows:

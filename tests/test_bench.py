@@ -104,6 +104,32 @@ def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
         in loops.stdout
 
 
+def test_compare_seeds_says_whether_the_runs_converted_the_same_base(tmp_path):
+    def base(name, payload):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(payload)
+        return folder
+
+    def pipeline(run, base_dir):
+        phase = tmp_path / run / "1_tidar_midtrain"
+        phase.mkdir(parents=True)
+        tpf = {"lossless": {"tpf": {"tokens_per_forward": 1.5, "low": 1.2, "high": 1.8}}}
+        result = {"statistics": {"temperature_1": {"samplers": tpf}}}
+        if base_dir is not None:
+            result["quality_base"] = str(base_dir)
+        (phase / "eval.json").write_text(json.dumps(result))
+        return str(tmp_path / run)
+
+    b0, copy, b1 = base("b0", b"weights-0"), base("copy", b"weights-0"), base("b1", b"weights-1")
+    a, b, c, d, e = (pipeline("a", b0), pipeline("b", b0), pipeline("c", copy), pipeline("d", b1),
+                     pipeline("e", None))
+    assert "bases: one base checkpoint" in run("compare_seeds.py", a, b)
+    assert "bases: identical weights" in run("compare_seeds.py", a, c)
+    assert "bases: different base checkpoints" in run("compare_seeds.py", a, b, d)
+    assert "bases: not recorded" in run("compare_seeds.py", a, e)
+
+
 def test_alignment_table_reports_intervals_for_the_drafter_figures(tmp_path):
     def tpf(value, low, high):
         return {"tokens_per_forward": value, "low": low, "high": high}
