@@ -12,6 +12,11 @@ transformers' `load_balancing_loss_func`) uses the expert counts of the whole ro
 f_e the global top-k assignment frequency and P_e the global mean router probability (the same formula in
 transformers' Qwen3-MoE, Mixtral and OLMoE); given f (all-reduced, no gradient), aux is linear in the per-rank
 probability sums, so each rank's share carries its own tokens' gradient.
+
+Drafter-verifier alignment (`objective.diff_target` ar | mix): the AR teacher of the draft at position i is the clean
+hidden state at i-1. A rank holds both streams of positions [r*n, (r+1)*n), so it has every teacher but the one of
+its first draft, which is the previous rank's last clean row: each rank all-gathers that one row per batch row
+(detached, as the teacher is a stop-gradient) and takes its predecessor's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from ar2diff.model.sequence_shard import (POSITIONS_KWARG, SequenceParallel, ext
                                           take_meta)
 from ar2diff.model.zaya import PREV_KWARG
 from ar2diff.model.zaya_halo import HALO_KWARG, Halo, conv_lookback
-from ar2diff.objective import ar_targets, chunked_token_ce, combine, diff_targets
+from ar2diff.objective import (aligned_ce, ar_targets, chunked_aligned_ce, chunked_token_ce, combine, diff_targets,
+                               teacher_rows)
 
 
 def _reduced(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
@@ -61,6 +67,31 @@ def _stream_share(hidden_NH, labels_N, head, chunk_size: int | None, total: int)
     else:
         ce = F.cross_entropy(head(hidden_NH).float(), labels_N, reduction="none")
     return ce.sum() / total
+
+
+def previous_rank_row(row_BH: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """The previous rank's `row_BH` in the sequence-parallel group (rank 0 gets its own back), no gradient."""
+    row_BH = row_BH.detach().contiguous()
+    if sp.size == 1:
+        return row_BH
+    rows = [torch.empty_like(row_BH) for _ in range(sp.size)]
+    dist.all_gather(rows, row_BH, group=sp.group)
+    return rows[sp.rank - 1] if sp.rank > 0 else row_BH
+
+
+def _aligned_share(draft_NH, labels_N, teacher_NH, has_teacher_N, head, target, chunk_size: int | None,
+                   total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the aligned diffusion loss, its share of the data CE), each over the whole row's count."""
+    if total == 0 or draft_NH.shape[0] == 0:
+        zero = draft_NH.sum() * 0.0
+        return zero, zero.detach()
+    if chunk_size:
+        per_tok, data_ce = chunked_aligned_ce(draft_NH, labels_N, head, chunk_size, teacher_NH, has_teacher_N, target)
+    else:
+        with torch.no_grad():
+            teacher_NV = head(teacher_NH)
+        per_tok, data_ce = aligned_ce(head(draft_NH), labels_N, teacher_NV, has_teacher_N, target)
+    return per_tok.sum() / total, data_ce.sum() / total
 
 
 def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None, position_ids=None, loss_mask=None,
@@ -109,9 +140,20 @@ def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None,
     diff_labels, diff_valid = diff_targets(input_ids, doc_ids, loss_mask, draft_mask)
     n_ar, n_diff = int(ar_valid.sum()), int(diff_valid.sum())
     head = model.lm.get_output_embeddings()
+    has_teacher = teacher_rows(ar_valid)[:, chunk]
     ar_valid, diff_valid = ar_valid[:, chunk], diff_valid[:, chunk]
-    ar = _stream_share(hidden_BTH[:, :n][ar_valid], ar_labels[:, chunk][ar_valid], head, objective.loss_chunk_size, n_ar)
-    diff = _stream_share(hidden_BTH[:, n:][diff_valid], diff_labels[:, chunk][diff_valid], head,
-                         objective.loss_chunk_size, n_diff)
-    terms = combine(ar, diff, objective.alpha, aux, objective.aux_coef, int(ar_valid.sum()), int(diff_valid.sum()))
+    clean_BnH, draft_BnH = hidden_BTH.split(n, dim=1)
+    ar = _stream_share(clean_BnH[ar_valid], ar_labels[:, chunk][ar_valid], head, objective.loss_chunk_size, n_ar)
+    diff_data = None
+    if objective.diff_target.ar_weight == 0.0:
+        diff = _stream_share(draft_BnH[diff_valid], diff_labels[:, chunk][diff_valid], head,
+                             objective.loss_chunk_size, n_diff)
+    else:  # the teacher of draft i is the clean row i-1; the shard's first one is the previous rank's last
+        clean = clean_BnH.detach()
+        teacher_BnH = torch.cat([previous_rank_row(clean[:, -1], sp)[:, None], clean[:, :-1]], dim=1)
+        diff, diff_data = _aligned_share(draft_BnH[diff_valid], diff_labels[:, chunk][diff_valid],
+                                         teacher_BnH[diff_valid], has_teacher[diff_valid], head,
+                                         objective.diff_target, objective.loss_chunk_size, n_diff)
+    terms = combine(ar, diff, objective.alpha, aux, objective.aux_coef, int(ar_valid.sum()), int(diff_valid.sum()),
+                    diff_data)
     return TidarOutput(loss=terms.loss, terms=terms, layout=layout)

@@ -45,13 +45,15 @@ def batch() -> dict:
     return {"input_ids": ids, "doc_ids": docs, "loss_mask": loss_mask}
 
 
-def tidar_model(arch: str, mask_ratio: float = 0.5):
+def tidar_model(arch: str, mask_ratio: float = 0.5, diff_target: str = "data", loss_chunk_size: int | None = None):
     from ar2diff.model import TidarLM, build_model
-    from ar2diff.objective import TidarObjective
+    from ar2diff.objective import DiffTarget, TidarObjective
 
     lm = randomize(build_model({**TINY_CONFIGS[arch], **ARCHS[arch]}, attn_implementation="sdpa", seed=0), 0)
+    target = DiffTarget(diff_target, weight=0.3, temperature=1.5)
     model = TidarObjective(TidarLM(lm, MASK_ID, BLOCK), mask_ratio=mask_ratio,
-                           aux_coef=0.1 if arch == "qwen3_moe" else None)
+                           aux_coef=0.1 if arch == "qwen3_moe" else None, loss_chunk_size=loss_chunk_size,
+                           diff_target=target)
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
@@ -69,12 +71,12 @@ def model_mode() -> dict:
 
     group = sequence_parallel_mpu(2).get_sequence_parallel_group()
     results = {}
-    for arch in ARCHS:
+    for arch, kwargs in [(arch, {}) for arch in ARCHS] + ALIGNED_CASES:
         b = batch()
-        reference = tidar_model(arch)
+        reference = tidar_model(arch, **kwargs)
         ref = reference(**b, generator=torch.Generator().manual_seed(3))
         ref.loss.backward()
-        model = tidar_model(arch)
+        model = tidar_model(arch, **kwargs)
         install_sequence_parallel(model, group, micro_batch_size=2)
         out = model(**b, generator=torch.Generator().manual_seed(3))
         out.loss.backward()
@@ -84,11 +86,36 @@ def model_mode() -> dict:
         for g in got.values():
             dist.all_reduce(g, group=group)
         terms = reduce_logged(out.terms.log_dict(), model.sequence_parallel, "cpu")  # what the trainer logs
-        results[arch] = {"loss": float(loss), "ref_loss": float(ref.loss), "terms": terms,
+        results["/".join([arch, *map(str, kwargs.values())])] = {"loss": float(loss), "ref_loss": float(ref.loss), "terms": terms,
                          "grad_rel": rel_errors(got, grads(reference)), "ref_terms": ref.terms.log_dict(),
                          "ref_aux": float(ref.terms.aux)}
     results["zaya_without_halo_loss"] = _zaya_without_halo(group)
+    results["aligned_without_exchange_loss"] = _aligned_without_exchange(group)
     return results
+
+
+# drafter-verifier alignment under SP: (arch, tidar_model kwargs); the result key joins the arch and the values
+ALIGNED_CASES = [("llama", {"diff_target": "ar"}),
+                 ("zaya", {"diff_target": "mix", "loss_chunk_size": 5}),
+                 ("qwen3_moe", {"diff_target": "ar", "loss_chunk_size": 3})]
+
+
+def _aligned_without_exchange(group) -> float:
+    """Negative control: the AR-target shard loss with the previous rank's teacher row replaced by the rank's own."""
+    import ar2diff.objective_sharded as sharded
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel
+
+    model = tidar_model("llama", diff_target="ar")
+    install_sequence_parallel(model, group, micro_batch_size=2)
+    original = sharded.previous_rank_row
+    sharded.previous_rank_row = lambda row, sp: row.detach()
+    try:
+        with torch.no_grad():
+            loss = model(**batch(), generator=torch.Generator().manual_seed(3)).loss
+    finally:
+        sharded.previous_rank_row = original
+    dist.all_reduce(loss, group=group)
+    return float(loss)
 
 
 def _zaya_without_halo(group) -> float:

@@ -54,6 +54,24 @@ def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
         assert r["ref_aux"] > 0.5  # the balancing loss is really in the objective
 
 
+@pytest.mark.parametrize("case", ["llama/ar", "zaya/mix/5", "qwen3_moe/ar/3"])
+def test_two_sp_ranks_equal_one_rank_with_the_ar_diffusion_target(two_ranks, case):
+    """objective.diff_target=ar|mix under SP (with and without loss chunking): the summed shares of the loss, of the
+    data CE of the drafts and the summed gradients equal the unsharded objective's. The teacher of a shard's first
+    draft is the previous rank's last clean row."""
+    r = two_ranks["model"][case]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+    assert max(r["grad_rel"].values()) < 1e-5, sorted(r["grad_rel"].items(), key=lambda kv: -kv[1])[:3]
+    for key in ("loss_ar", "loss_diff", "loss_diff_data", "loss_aux", "tokens_ar", "tokens_diff"):
+        assert r["terms"][key] == pytest.approx(r["ref_terms"][key], rel=1e-6, abs=1e-7), key
+    assert abs(r["ref_terms"]["loss_diff"] - r["ref_terms"]["loss_diff_data"]) > 1e-3  # the AR target is in the loss
+
+
+def test_aligned_target_needs_the_previous_ranks_row(two_ranks):
+    """Negative control: with each rank's own row in place of the previous rank's the sharded loss is wrong."""
+    assert abs(two_ranks["model"]["aligned_without_exchange_loss"] - two_ranks["model"]["llama/ar"]["ref_loss"]) > 1e-4
+
+
 def test_zaya_needs_the_halo(two_ranks):
     """Negative control: with the previous rank's halo replaced by zeros the sharded ZAYA loss is wrong."""
     assert abs(two_ranks["model"]["zaya_without_halo_loss"] - two_ranks["model"]["zaya"]["ref_loss"]) > 1e-3
@@ -145,14 +163,15 @@ def test_loss_scale_rule():
 @pytest.mark.slow
 def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     """The phase trainer with deepspeed.sequence_parallel_size=2 on 2 ranks (tiny ZAYA, ZeRO-1, activation
-    checkpointing, mask_ratio 0.5) logs the one-rank run's losses (same global micro-batches), and a run resumed from
-    its step-3 checkpoint logs exactly the uninterrupted run's losses."""
+    checkpointing, mask_ratio 0.5, the mixed diffusion target) logs the one-rank run's losses (same global
+    micro-batches), and a run resumed from its step-3 checkpoint logs exactly the uninterrupted run's losses."""
     import shutil
 
     from test_train import losses, run, train_cmd
 
     cache = tmp_path / "cache"
-    budget = ["budget.tokens=1536", "trainer.ckpt_every=3", "deepspeed.activation_checkpointing=true"]  # 6 steps
+    budget = ["budget.tokens=1536", "trainer.ckpt_every=3", "deepspeed.activation_checkpointing=true",
+              "objective.diff_target=mix"]  # 6 steps
     run(train_cmd(tmp_path / "one", cache, *budget))
     run(train_cmd(tmp_path / "sp", cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=2))
     one, sp = losses(tmp_path / "one"), losses(tmp_path / "sp")
@@ -190,3 +209,5 @@ def test_sequence_parallel_config_that_fits_validates():
     from ar2diff.config.compose import compose
 
     compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256"]).validate(world_size=8)
+    aligned = compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256", "objective.diff_target=mix"])
+    assert aligned.validate(world_size=8).objective.diff_target == "mix"  # the teacher row crosses shard edges
