@@ -188,6 +188,23 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     assert losses(resumed) == sp  # bit-exact
 
 
+def test_trainer_sp2_with_two_data_parallel_groups_matches_one_rank(tmp_path):
+    """4 ranks = 2 sequence-parallel groups of 2 (SP=2 x DP=2, ZeRO-1, the AR diffusion target) log the one-rank
+    run's losses: each group takes its own rows of the global batch, and the gradients are reduced across groups."""
+    from test_train import losses, run, train_cmd
+
+    cache = tmp_path / "cache"
+    budget = ["budget.tokens=1024", "deepspeed.activation_checkpointing=true", "objective.diff_target=ar"]  # 4 steps
+    run(train_cmd(tmp_path / "one", cache, *budget))
+    run(train_cmd(tmp_path / "sp", cache, *budget, "deepspeed.sequence_parallel_size=2", ranks=4), timeout=600)
+    one, sp = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert [s for s, *_ in sp] == list(range(1, 5))
+    torch.testing.assert_close(torch.tensor([v[1:] for v in sp]), torch.tensor([v[1:] for v in one]),
+                               rtol=1e-5, atol=0)
+    summary = json.loads((tmp_path / "sp" / "summary.json").read_text())
+    assert summary["budget"]["data_parallel_size"] == 2 and summary["budget"]["grad_accum_steps"] == 1
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["data.seq_len=250"], "data.seq_len=250 is not divisible by deepspeed.sequence_parallel_size=4"),
     (["model.config.num_attention_heads=6", "model.config.num_key_value_heads=2", "model.config.head_dim=16"],
