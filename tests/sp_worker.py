@@ -67,6 +67,8 @@ def rel_errors(got: dict, want: dict) -> dict[str, float]:
 
 
 def model_mode() -> dict:
+    import ar2diff.objective_sharded as sharded
+    from ar2diff.model.zaya_halo import Halo
     from ar2diff.trainer.sequence_parallel import install_sequence_parallel, reduce_logged, sequence_parallel_mpu
 
     group = sequence_parallel_mpu(2).get_sequence_parallel_group()
@@ -86,11 +88,15 @@ def model_mode() -> dict:
         for g in got.values():
             dist.all_reduce(g, group=group)
         terms = reduce_logged(out.terms.log_dict(), model.sequence_parallel, "cpu")  # what the trainer logs
-        results["/".join([arch, *map(str, kwargs.values())])] = {"loss": float(loss), "ref_loss": float(ref.loss), "terms": terms,
-                         "grad_rel": rel_errors(got, grads(reference)), "ref_terms": ref.terms.log_dict(),
-                         "ref_aux": float(ref.terms.aux)}
-    results["zaya_without_halo_loss"] = _zaya_without_halo(group)
-    results["aligned_without_exchange_loss"] = _aligned_without_exchange(group)
+        key = "/".join([arch, *map(str, kwargs.values())])
+        results[key] = {"loss": float(loss), "ref_loss": float(ref.loss), "terms": terms,
+                        "grad_rel": rel_errors(got, grads(reference)), "ref_terms": ref.terms.log_dict(),
+                        "ref_aux": float(ref.terms.aux)}
+    # the previous rank's halo replaced by zeros; each rank's own last clean row in place of the previous rank's
+    no_halo = (Halo, "extend", lambda self, x: torch.cat([torch.zeros_like(x[:, self.send_idx]), x], dim=1))
+    results["zaya_without_halo_loss"] = _sharded_loss_with(group, "zaya", no_halo)
+    own_row = (sharded, "previous_rank_row", lambda row, sp: row.detach())
+    results["aligned_without_exchange_loss"] = _sharded_loss_with(group, "llama", own_row, diff_target="ar")
     return results
 
 
@@ -100,38 +106,20 @@ ALIGNED_CASES = [("llama", {"diff_target": "ar"}),
                  ("qwen3_moe", {"diff_target": "ar", "loss_chunk_size": 3})]
 
 
-def _aligned_without_exchange(group) -> float:
-    """Negative control: the AR-target shard loss with the previous rank's teacher row replaced by the rank's own."""
-    import ar2diff.objective_sharded as sharded
+def _sharded_loss_with(group, arch: str, patch: tuple, **kwargs) -> float:
+    """Negative controls: the sharded loss (no gradient) with `patch` = (object, attribute, replacement) in place."""
     from ar2diff.trainer.sequence_parallel import install_sequence_parallel
 
-    model = tidar_model("llama", diff_target="ar")
+    model = tidar_model(arch, **kwargs)
     install_sequence_parallel(model, group, micro_batch_size=2)
-    original = sharded.previous_rank_row
-    sharded.previous_rank_row = lambda row, sp: row.detach()
+    owner, name, replacement = patch
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
     try:
         with torch.no_grad():
             loss = model(**batch(), generator=torch.Generator().manual_seed(3)).loss
     finally:
-        sharded.previous_rank_row = original
-    dist.all_reduce(loss, group=group)
-    return float(loss)
-
-
-def _zaya_without_halo(group) -> float:
-    """Negative control: the same ZAYA shard forward with the received halo replaced by zeros."""
-    from ar2diff.model.zaya_halo import Halo
-    from ar2diff.trainer.sequence_parallel import install_sequence_parallel
-
-    model = tidar_model("zaya")
-    install_sequence_parallel(model, group, micro_batch_size=2)
-    original = Halo.extend
-    Halo.extend = lambda self, x: torch.cat([torch.zeros_like(x[:, self.send_idx]), x], dim=1)
-    try:
-        with torch.no_grad():
-            loss = model(**batch(), generator=torch.Generator().manual_seed(3)).loss
-    finally:
-        Halo.extend = original
+        setattr(owner, name, original)
     dist.all_reduce(loss, group=group)
     return float(loss)
 
