@@ -38,10 +38,9 @@ def phase_evals(run: Path) -> dict[str, dict]:
     return out
 
 
-def base_checkpoint(run: Path) -> Path | None:
-    """The checkpoint the run's first TiDAR phase converted (`quality_base` of its first eval.json), if recorded."""
-    first = phase_evals(run)
-    base = next((e.get("quality_base") for e in first.values() if e.get("quality_base")), None)
+def base_checkpoint(evals: dict[str, dict]) -> Path | None:
+    """The checkpoint a run's first TiDAR phase converted (`quality_base` of its first eval.json), if recorded."""
+    base = next((e.get("quality_base") for e in evals.values() if e.get("quality_base")), None)
     return Path(base) if base else None
 
 
@@ -55,9 +54,10 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def same_base(runs: list[Path]) -> str:
-    """'same': one base folder; 'identical': equal weights in different folders; 'different'; or 'unknown'."""
-    bases = [base_checkpoint(r) for r in runs]
+def same_base(evals: list[dict[str, dict]]) -> str:
+    """Of the runs' `phase_evals`: 'same': one base folder; 'identical': equal weights in different folders;
+    'different'; or 'unknown'."""
+    bases = [base_checkpoint(e) for e in evals]
     if any(b is None for b in bases):
         return "unknown"
     if len({os.path.realpath(b) for b in bases}) == 1:
@@ -67,9 +67,8 @@ def same_base(runs: list[Path]) -> str:
     return "identical" if len({weights_digest(b) for b in bases}) == 1 else "different"
 
 
-def compare(runs: list[Path]) -> list[dict]:
-    """One row per (phase, temperature, quantity) present in every run."""
-    evals = [phase_evals(r) for r in runs]
+def compare(evals: list[dict[str, dict]]) -> list[dict]:
+    """One row per (phase, temperature, quantity) present in every run (`phase_evals` of each)."""
     rows = []
     for phase in sorted(set.intersection(*(set(e) for e in evals))):
         stats = [e[phase].get("statistics", {}) for e in evals]
@@ -110,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if len(args.runs) < 2:
         p.error("give at least two run folders")
-    rows = compare(args.runs)
-    base = same_base(args.runs)
+    evals = [phase_evals(r) for r in args.runs]
+    rows = compare(evals)
+    base = same_base(evals)
     print({"same": "bases: one base checkpoint; the seeds vary only the conversion",
            "identical": "bases: identical weights; the seeds vary only the conversion",
            "different": "bases: different base checkpoints; the seeds vary the pretrained model too",
