@@ -1,4 +1,4 @@
-"""The TiDAR hybrid loss (arXiv 2511.08923, DESIGN.md "Objective").
+"""The TiDAR hybrid loss (arXiv 2511.08923, docs/design.md "Objective").
 
     L = (alpha * mean(L_AR) + mean(L_diff)) / (1 + alpha)  [+ aux_coef * L_router]
 

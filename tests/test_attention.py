@@ -8,7 +8,7 @@ from tiny import MASK_ID, tiny_model
 
 
 def reference_mask(S: int, B: int, doc_ids: list[int]) -> torch.Tensor:
-    """DESIGN.md's rules written out with loops, independent of TokenMeta."""
+    """docs/design.md's rules written out with loops, independent of TokenMeta."""
     pos, start = [], {}
     for i, d in enumerate(doc_ids):
         start.setdefault(d, i)

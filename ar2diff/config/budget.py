@@ -1,6 +1,6 @@
 """Token budgets -> optimizer steps (pure arithmetic; printed at start-up so a recipe's scale is visible).
 
-A recipe states its budget in tokens (DESIGN.md: 600B at 32k, 500B at 128k). One optimizer step consumes
+A recipe states its budget in tokens (docs/design.md: 600B at 32k, 500B at 128k). One optimizer step consumes
 `global_batch_size` rows of `seq_len` tokens, so steps = ceil(tokens / (global_batch_size * seq_len)). The tokens
 counted are the training sequence's own tokens (S per row), not the 2S positions of the TiDAR layout.
 """

@@ -77,7 +77,7 @@ class TrainerConfig:
 
 @dataclass
 class DecoderEvalConfig:
-    """The phase-end decoder check (DESIGN.md "Reference decoder")."""
+    """The phase-end decoder check (docs/design.md "Reference decoder")."""
 
     enabled: bool = True
     num_prompts: int = 32  # the TPF interval is a bootstrap over prompts (ar2diff.decode.metrics)

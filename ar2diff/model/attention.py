@@ -1,6 +1,6 @@
 """The one TiDAR attention predicate, compiled to a dense mask (SDPA/eager, CPU) or a flex BlockMask (accelerators).
 
-`can_attend` is the single source of truth (DESIGN.md, "Objective"): a clean query sees earlier-or-equal clean
+`can_attend` is the single source of truth (docs/design.md, "Objective"): a clean query sees earlier-or-equal clean
 tokens of its document (causal); a draft query sees the clean tokens of its document before its block's first
 position plus every draft token of its own block; nothing crosses a document. Both compiled forms evaluate this same
 function, so they cannot drift apart.

@@ -108,7 +108,7 @@ def build_tidar_layout(
     position_ids_BS: torch.Tensor | None = None,
     draft_mask_BS: torch.Tensor | None = None,
 ) -> TidarLayout:
-    """Lay out a packed batch for the TiDAR objective (DESIGN.md, "Objective").
+    """Lay out a packed batch for the TiDAR objective (docs/design.md, "Objective").
 
     Blocks are aligned to document starts: block b of a document holds its positions [b*B, (b+1)*B); the last block
     of a document may be partial. `position_ids_BS`, when given, must restart at each document start (what packing

@@ -1,6 +1,6 @@
 """RoPE settings of a transformers config, and the context-extension rule that theta only goes up.
 
-Context extension (DESIGN.md phase 2; ZAYA1: theta 1M at 32K -> 5M at 131K) lengthens the rotary wavelengths so
+Context extension (docs/design.md phase 2; ZAYA1: theta 1M at 32K -> 5M at 131K) lengthens the rotary wavelengths so
 that positions beyond the trained length look like positions the model has seen. Lowering theta does the
 opposite (shorter wavelengths, more unseen phases), so a recipe that lowers it is a configuration error.
 """
