@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from ar2diff.checkpoint.integrity import DiskFull
+from ar2diff.fs import DiskFull, disk_full_while_writing, is_disk_full
 from ar2diff.trainer.faults import NonFiniteError
 from ar2diff.trainer.run_lock import RunLocked
 
@@ -31,7 +31,6 @@ def one_line(err: BaseException) -> str:
 def disk_full_anywhere(err: OSError, folder: str | None = None) -> OSError:
     """A full disk met outside a checkpoint save, as a DiskFull naming the file (or, when the OS error names none,
     the run folder `folder`); any other OSError is re-raised."""
-    from ar2diff.checkpoint.integrity import disk_full_while_writing, is_disk_full
 
     target = err.filename or folder
     if not is_disk_full(err, target):

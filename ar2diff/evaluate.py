@@ -86,7 +86,7 @@ def run_lm_eval(args) -> dict:
         from ar2diff.evaluation.lm_eval_model import Ar2diffLM, run_tasks
     except ImportError as err:
         raise ValueError(f"--tasks needs lm-eval-harness: pip install 'ar2diff[lm_eval]' ({err})") from None
-    from ar2diff.atomic import write_json_atomic
+    from ar2diff.fs import write_json_atomic
     from ar2diff.decode.evaluate import default_device
 
     if not Path(args.checkpoint).is_dir():

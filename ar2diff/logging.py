@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ar2diff.atomic import write_json_atomic
+from ar2diff.fs import is_disk_full, write_json_atomic
 
 
 def configure_cli_logging() -> None:
@@ -97,7 +97,6 @@ class RunLogger:
         """After the phase, also after a failure: finish W&B if the phase did not (the run is marked failed). W&B's
         own files sit in the run folder; when the disk is full it cannot write them, and that is not reported a
         second time: the error on its way (e.g. the one-line disk-full message) already says so."""
-        from ar2diff.checkpoint.integrity import is_disk_full
 
         if isinstance(self.run, _NoRun):
             return

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ar2diff.atomic import write_text_atomic
+from ar2diff.fs import write_text_atomic
 
 CONFIG_NAME, OVERRIDES_NAME = "config.yaml", "overrides.yaml"
 

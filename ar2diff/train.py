@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ar2diff.atomic import write_json_atomic
+from ar2diff.fs import write_json_atomic
 from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.config.paths import CONF_DIR, RECIPES_DIR, search_path_override, user_search_path
 from ar2diff.config.schema import PhaseConfig

@@ -11,7 +11,7 @@ import torch
 
 from ar2diff.decode.cli import main
 from ar2diff.decode.cli_checks import check_device, ignored_flags, warn_block_size
-from ar2diff.model.folder_checks import check_tokenizer_files, check_weights
+from ar2diff.export_format import check_tokenizer_files, check_weights
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
 W = importlib.util.module_from_spec(_spec)

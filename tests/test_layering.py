@@ -20,7 +20,7 @@ RUNTIME = ("deepspeed", "ar2diff.trainer", "ar2diff.data.loader")
     ("ar2diff.checkpoint.reader", RUNTIME),
     ("ar2diff.export", RUNTIME),
     ("ar2diff.config.schema", ("deepspeed", "torch", "transformers", "ar2diff.trainer", "ar2diff.model")),
-    ("ar2diff.atomic", ("torch", "ar2diff.model", "ar2diff.trainer")),
+    ("ar2diff.fs", ("torch", "ar2diff.model", "ar2diff.trainer")),
 ])
 def test_import_does_not_pull_in(module, forbidden):
     code = (f"import sys, {module}; bad = [m for m in {forbidden!r} if m in sys.modules]; "

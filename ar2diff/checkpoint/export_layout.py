@@ -14,80 +14,20 @@ DeepSpeed checkpoint plus these assets into an export. No DeepSpeed here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-METADATA_NAME = "ar2diff.json"
-EXPORT_MARKER_NAME = "ar2diff_export_complete.json"
-RUN_ASSETS_DIRNAME = "hf"
-RUN_METADATA_NAME = "ar2diff_run.json"
-BLOCK_SIZE_CONFIG_KEY = "tidar_block_size"
-
-
-def ar2diff_version() -> str:
-    try:
-        return importlib_metadata.version("ar2diff")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
-
-
-AR_PHASE = "ar_pretrain"
-
-
-@dataclass
-class ExportMetadata:
-    """What ``ar2diff.json`` records. Keys beyond the named fields are kept in ``extra``.
-
-    An AR base (phase ``ar_pretrain``) has no mask token yet: its mask_token_id is None.
-    """
-
-    mask_token_id: int | None
-    block_size: int
-    phase: str | None = None
-    recipe: str | None = None
-    tokens_seen: int | None = None
-    step: int | None = None
-    source_checkpoint: str | None = None
-    base_model: str | None = None
-    ar2diff_version: str = field(default_factory=ar2diff_version)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.mask_token_id is None and self.phase == AR_PHASE:
-            pass
-        elif not isinstance(self.mask_token_id, int) or isinstance(self.mask_token_id, bool) or self.mask_token_id < 0:
-            raise ValueError(f"metadata mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            raise ValueError(f"metadata block_size must be a positive int, got {self.block_size!r}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "ExportMetadata":
-        """Named keys become fields, the rest go to ``extra``; missing required keys are named."""
-        if isinstance(values, ExportMetadata):
-            return copy.deepcopy(values)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        required = ("block_size",) if values.get("phase") == AR_PHASE else ("mask_token_id", "block_size")
-        missing = [k for k in required if values.get(k) is None]
-        if missing:
-            raise ValueError(f"export metadata lacks {missing}: pass them in the metadata dict")
-        known = {k: v for k, v in values.items() if k in names}
-        extra = {**values.get("extra", {}), **{k: v for k, v in values.items() if k not in names and k != "extra"}}
-        return cls(**known, extra=extra)
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """Flat JSON object: extras first, so they can never overwrite a named field."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        return {**self.extra, **fields}
-
+from ar2diff.checkpoint.safe_export import check_destination, check_finite, make_world_readable
+from ar2diff.export_format import (  # noqa: F401 (the format's names, re-exported for writers)
+    AR_PHASE, BLOCK_SIZE_CONFIG_KEY, EXPORT_MARKER_NAME, METADATA_NAME, RUN_ASSETS_DIRNAME, RUN_METADATA_NAME,
+    ExportMetadata, ar2diff_version, check_export, is_complete_export, read_metadata, write_marker)
 
 # ---------------------------------------------------------------------------------------- export
 
@@ -102,8 +42,6 @@ def export_model(model: nn.Module, tokenizer, dest: str | os.PathLike, metadata:
     unexpected key fails here, tied embeddings stay tied and the saved dtype is the state dict's.
     The tokenizer and config are copied, never modified. Returns ``dest``.
     """
-    from ar2diff.checkpoint.safe_export import check_destination, check_finite, make_world_readable
-
     meta = ExportMetadata.from_mapping(metadata)
     model = _unwrap(model)
     dest = Path(dest)
@@ -124,7 +62,7 @@ def export_model(model: nn.Module, tokenizer, dest: str | os.PathLike, metadata:
         skeleton.save_pretrained(tmp, state_dict=skeleton.state_dict(), max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_NAME).write_text(json.dumps(meta.to_json_dict(), indent=2, sort_keys=True))
-        _write_marker(tmp)
+        write_marker(tmp)
         make_world_readable(tmp)
         _replace_dir(tmp, dest)
     finally:
@@ -209,11 +147,6 @@ def _with_mask_token(tokenizer, mask_token_id: int | None, config) -> Any:
     return tokenizer
 
 
-def _write_marker(folder: Path) -> None:
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    (folder / EXPORT_MARKER_NAME).write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
-
-
 def _replace_dir(src: Path, dest: Path) -> None:
     """Rename ``src`` onto ``dest``; an existing ``dest`` is moved aside first and then deleted (its
     marker first), so at no moment does an incomplete folder sit at ``dest``."""
@@ -225,46 +158,6 @@ def _replace_dir(src: Path, dest: Path) -> None:
     os.replace(src, dest)
     (old / EXPORT_MARKER_NAME).unlink(missing_ok=True)
     shutil.rmtree(old)
-
-
-# -------------------------------------------------------------------------------------- reading
-
-
-def _check_export(folder: Path) -> str:
-    """'' if ``folder`` is a complete export, else why not."""
-    if not folder.is_dir():
-        return f"{folder} does not exist or is not a folder"
-    if not (folder / METADATA_NAME).is_file():
-        return (f"{folder} has no {METADATA_NAME}: it is not an ar2diff export "
-                f"(create one with python -m ar2diff.export)")
-    marker = folder / EXPORT_MARKER_NAME
-    if not marker.is_file():
-        return f"{folder} has no {EXPORT_MARKER_NAME}: the export was interrupted; export it again"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return f"{marker} is unreadable ({err}); export it again"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{path} is missing or has the wrong size; export it again"
-    return ""
-
-
-def is_complete_export(folder: str | os.PathLike) -> bool:
-    """True if ``folder`` holds metadata, the completion marker, and every file the marker lists."""
-    return _check_export(Path(folder)) == ""
-
-
-def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``ar2diff.json`` dict of a complete export; raises FileNotFoundError / ValueError saying why not."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"export folder {folder} does not exist")
-    reason = _check_export(folder)
-    if reason:
-        raise ValueError(reason)
-    return json.loads((folder / METADATA_NAME).read_text())
 
 
 # ------------------------------------------------------------------------------------ run assets

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME
+from ar2diff.export_format import EXPORT_MARKER_NAME, METADATA_NAME
 
 # What marks a folder as part of a run: checkpoint roots, step folders, the run lock, the trainer's records.
 RUN_MARKERS = ("checkpoints", "latest", "ar2diff_complete.json", ".ar2diff.lock", "resolved_config.json",

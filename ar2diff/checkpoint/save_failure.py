@@ -15,11 +15,12 @@ from pathlib import Path
 import deepspeed.comm as dist
 
 from ar2diff.checkpoint.coordination import run_on_rank0
+from ar2diff.checkpoint.manifest import find_latest_complete
+from ar2diff.fs import disk_full_error, free_bytes, is_disk_full
 
 
 def describe_failure(err: Exception, partial_dir: Path) -> dict:
     """What another rank needs to know about this rank's failed write (picklable, small)."""
-    from ar2diff.checkpoint.integrity import is_disk_full
 
     return {"rank": dist.get_rank(), "disk_full": is_disk_full(err, partial_dir),
             "errno": err.errno if isinstance(err, OSError) else None,
@@ -29,8 +30,6 @@ def describe_failure(err: Exception, partial_dir: Path) -> dict:
 def _abandon_partial(root: Path, partial_dir: Path) -> tuple[str | None, int]:
     """Rank 0, once every rank is done writing: remove the failed save (giving the space back) and name the
     newest complete checkpoint, which the failed save never touched. Returns (its path or None, free bytes)."""
-    from ar2diff.checkpoint.integrity import free_bytes
-    from ar2diff.checkpoint.resume import find_latest_complete
 
     shutil.rmtree(partial_dir, ignore_errors=True)
     previous = find_latest_complete(root)
@@ -41,7 +40,6 @@ def agreed_save_error(root: Path, partial_dir: Path, outcomes: list) -> Exceptio
     """The same error on every rank for a save that failed on some: DiskFull when every failed rank ran out of space
     (one line for the user), else an OSError (same errno: PermissionError stays one) or a RuntimeError naming each
     failed rank and its error."""
-    from ar2diff.checkpoint.integrity import disk_full_error
 
     failed = [o for o in outcomes if o]
     previous, free = run_on_rank0(_abandon_partial, root, partial_dir)

@@ -42,7 +42,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     if not folder.is_dir():
         raise ValueError(f"data.tokenizer_path={path!r} is not a folder; give a local HF tokenizer folder "
                          "or set it to null to train the stdlib BPE")
-    from ar2diff.model.folder_checks import check_tokenizer_files
+    from ar2diff.export_format import check_tokenizer_files
 
     check_tokenizer_files(folder)  # otherwise transformers says "install sentencepiece or tiktoken"
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -132,7 +132,7 @@ def run(args) -> dict:
         raise CliError("--levels auto needs --hardware (mi300x, mi355x, h100 or cpu), and --hardware applies only "
                        "to --levels auto")
     from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
-    from ar2diff.model.folder_checks import check_tokenizer_files
+    from ar2diff.export_format import check_tokenizer_files
 
     check_device(args.device)
     warn_ignored_flags(args)

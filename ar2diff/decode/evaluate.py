@@ -40,7 +40,7 @@ from ar2diff.decode.levels import phase_end_levels
 from ar2diff.decode.metrics import decode_statistics, flat_statistics
 from ar2diff.decode.projection import ACCELERATORS, ModelShape, project_speedup
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
-from ar2diff.atomic import write_json_atomic
+from ar2diff.fs import write_json_atomic
 from ar2diff.model.params import NUM_EXPERTS_KEYS, total_and_expert_params
 from ar2diff.model.router_balance import flatten, measure_router_load
 from ar2diff.model.tidar import TidarLM

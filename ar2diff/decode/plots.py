@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ar2diff.atomic import atomic_path
+from ar2diff.fs import atomic_path
 
 
 def save_acceptance_histogram(histogram: list[int], path: str | Path, title: str = "") -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ar2diff.atomic import write_json_atomic
+from ar2diff.fs import write_json_atomic
 from ar2diff.decode.plots import save_figure as _save
 
 

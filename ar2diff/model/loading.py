@@ -82,7 +82,7 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype=None, 
         raise FileNotFoundError(
             f"{str(folder)!r} has no *.safetensors weights; ar2diff loads only safetensors (convert a .bin "
             "checkpoint with transformers: model.save_pretrained(dest, safe_serialization=True))")
-    from ar2diff.model.folder_checks import check_weights
+    from ar2diff.export_format import check_weights
 
     check_weights(folder)  # an incomplete export or a truncated safetensors file is named here
     model_type = json.loads(config_file.read_text()).get("model_type")
