@@ -80,7 +80,8 @@ def gathered_params(engine) -> dict:
 def train_and_save(out: Path, name: str, kind: str, stage: int, precision: str) -> None:
     import deepspeed.comm as dist
 
-    from ar2diff.checkpoint import save_checkpoint, save_run_assets
+    from ar2diff.checkpoint.export_layout import save_run_assets
+    from ar2diff.checkpoint.resume import save_checkpoint
     from ar2diff.model import TidarLM, add_mask_token
     from ar2diff.objective import TidarObjective
     from ar2diff.trainer.engine import EngineConfig, build_engine

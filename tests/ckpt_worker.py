@@ -159,7 +159,8 @@ def train_and_save(out: Path) -> None:
     import deepspeed
     import deepspeed.comm as dist
 
-    from ar2diff.checkpoint import load_checkpoint, save_checkpoint, save_run_assets
+    from ar2diff.checkpoint.export_layout import save_run_assets
+    from ar2diff.checkpoint.resume import load_checkpoint, save_checkpoint
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -192,7 +193,7 @@ def train_and_save(out: Path) -> None:
 
 def crash_mid_save(root: Path) -> None:
     """Save step 1 completely, then die (os._exit) right after the first file of step 2's save."""
-    from ar2diff.checkpoint import save_checkpoint
+    from ar2diff.checkpoint.resume import save_checkpoint
 
     seed_all(0)
     engine = make_engine(tiny_model("llama", seed=0), stage=1)
@@ -238,7 +239,7 @@ def fail_on_rank_1(out: Path) -> None:
     import deepspeed
     import deepspeed.comm as dist
 
-    from ar2diff.checkpoint import load_checkpoint, save_checkpoint
+    from ar2diff.checkpoint.resume import load_checkpoint, save_checkpoint
     from ar2diff.checkpoint.resume import find_latest_complete
 
     deepspeed.init_distributed(dist_backend="gloo")

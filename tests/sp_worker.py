@@ -67,7 +67,7 @@ def rel_errors(got: dict, want: dict) -> dict[str, float]:
 
 
 def model_mode() -> dict:
-    import ar2diff.objective_sharded as sharded
+    import ar2diff.objective.sharded as sharded
     from ar2diff.model.zaya_halo import Halo
     from ar2diff.trainer.sequence_parallel import install_sequence_parallel, reduce_logged, sequence_parallel_mpu
 

@@ -38,7 +38,7 @@ def test_ignored_flags_and_block_size_above_trained_warn(capsys):
 
 @pytest.fixture
 def export(tmp_path):
-    from ar2diff.checkpoint import export_model
+    from ar2diff.checkpoint.export_layout import export_model
 
     return export_model(W.tiny_model("llama", seed=0), W.tiny_tokenizer(), tmp_path / "e", W.RUN_META)
 

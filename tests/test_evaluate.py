@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ar2diff.checkpoint import export_model
+from ar2diff.checkpoint.export_layout import export_model
 from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.schema import DecoderEvalConfig, PhaseConfig
 from ar2diff.decode.evaluate import (ACCELERATORS, evaluate_checkpoint, phase_end_eval, read_heldout, select_prompts,

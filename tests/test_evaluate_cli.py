@@ -21,7 +21,7 @@ DATA = ["data.sources.0.path=json/*", "data.seq_len=32", "data.heldout_fraction=
 
 @pytest.fixture
 def export(tmp_path):
-    from ar2diff.checkpoint import export_model
+    from ar2diff.checkpoint.export_layout import export_model
 
     return export_model(W.tiny_model("llama", seed=0), W.tiny_tokenizer(), tmp_path / "e", {**W.RUN_META, "step": 7})
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ar2diff.checkpoint import export_model, is_complete_export, read_metadata
+from ar2diff.checkpoint.export_layout import export_model, is_complete_export, read_metadata
 from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME, ar2diff_version
 from ar2diff.export import export_checkpoint, main
 from launch import failure_log, run_ranks  # noqa: E402

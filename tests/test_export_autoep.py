@@ -23,7 +23,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ar2diff.checkpoint import read_metadata, resolve_checkpoint
+from ar2diff.checkpoint.export_layout import read_metadata
+from ar2diff.checkpoint.resume import resolve_checkpoint
 from ar2diff.checkpoint.autoep import _edp_members, consolidate_autoep_checkpoint
 from ar2diff.export import consolidated_state_dict, main
 from ar2diff.model import TidarLM

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from ar2diff.checkpoint import export_model  # noqa: E402
+from ar2diff.checkpoint.export_layout import export_model# noqa: E402
 from ar2diff.evaluate import main  # noqa: E402
 from ar2diff.evaluation.lm_eval_model import Ar2diffLM, run_tasks  # noqa: E402
 from test_evaluate import word_tokenizer  # noqa: E402

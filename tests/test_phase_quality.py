@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ar2diff.checkpoint import export_model
+from ar2diff.checkpoint.export_layout import export_model
 from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.schema import DecoderEvalConfig, PhaseConfig
 from ar2diff.decode.evaluate import heldout_losses, phase_end_eval

@@ -82,7 +82,7 @@ def test_pipeline_rerun_goes_straight_to_the_first_unfinished_phase(tmp_path, mo
     from types import SimpleNamespace
 
     import ar2diff.train as T
-    from ar2diff.checkpoint import export_model
+    from ar2diff.checkpoint.export_layout import export_model
     from ar2diff.trainer import distributed
     from ar2diff.trainer.phase import PhaseResult
 

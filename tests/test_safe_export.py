@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ar2diff.checkpoint import export_model, read_metadata, save_checkpoint, save_run_assets
+from ar2diff.checkpoint.export_layout import export_model, read_metadata, save_run_assets
+from ar2diff.checkpoint.resume import save_checkpoint
 from ar2diff.export import main
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))

@@ -10,7 +10,7 @@ Attention: the Ulysses all-to-all (ar2diff.trainer.sequence_parallel) gathers th
 `TokenMeta`, the records are simply permuted into that gathered order and the one mask is built from them, once per
 micro-batch, and handed to the model like any other mask: every layer uses it.
 
-The loss share of each rank is computed by ar2diff.objective_sharded.
+The loss share of each rank is computed by ar2diff.objective.sharded.
 """
 
 from __future__ import annotations

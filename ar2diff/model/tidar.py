@@ -81,7 +81,7 @@ class TidarLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}); got range [{int(input_ids_BS.min())}, "
                              f"{int(input_ids_BS.max())}]: the tokenizer does not match the model")
 
-    def _mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta, impl: str | None = None,
+    def mask_argument(self, q_meta: TokenMeta, k_meta: TokenMeta, impl: str | None = None,
                        split: int | None = None):
         """The attention mask in the shape this architecture's forward takes (a dict per layer type for some).
         `impl` overrides the model's attention implementation (sequence parallelism wraps it). `split` = S marks
@@ -123,7 +123,7 @@ class TidarLM(nn.Module):
                       prev_BT: torch.Tensor | None = None, past_key_values=None, want_router_logits: bool = False,
                       split: int | None = None):
         """`step` up to the final norm: (hidden_BTH, router_logits, cache), for losses that apply the head in
-        chunks. `split`: see `_mask_argument`."""
+        chunks. `split`: see `mask_argument`."""
         kwargs = {}
         if prev_BT is not None and self.has_adapter:
             kwargs[PREV_KWARG] = prev_BT
@@ -132,7 +132,7 @@ class TidarLM(nn.Module):
         out = self.lm.base_model(
             input_ids=input_ids_BT,
             position_ids=position_ids_BT,
-            attention_mask=self._mask_argument(q_meta, q_meta if k_meta is None else k_meta, split=split),
+            attention_mask=self.mask_argument(q_meta, q_meta if k_meta is None else k_meta, split=split),
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
             **kwargs,

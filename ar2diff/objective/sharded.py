@@ -30,8 +30,7 @@ from ar2diff.model.sequence_shard import (POSITIONS_KWARG, SequenceParallel, ext
                                           take_meta)
 from ar2diff.model.zaya import PREV_KWARG
 from ar2diff.model.zaya_halo import HALO_KWARG, Halo, conv_lookback
-from ar2diff.objective import (aligned_ce, ar_targets, chunked_aligned_ce, chunked_token_ce, combine, diff_targets,
-                               teacher_rows)
+from ar2diff.objective.losses import TidarOutput, ar_targets, diff_targets, hybrid_terms, teacher_rows
 
 
 def _reduced(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
@@ -58,17 +57,6 @@ def balancing_share(router_logits, valid_BT: torch.Tensor, num_experts: int, top
     return num_experts * (counts / total * prob_sum / total).sum()
 
 
-def _stream_share(hidden_NH, labels_N, head, chunk_size: int | None, total: int) -> torch.Tensor:
-    """sum of this rank's token losses / the whole row's count (0 with a graph when there is nothing to count)."""
-    if total == 0 or hidden_NH.shape[0] == 0:
-        return hidden_NH.sum() * 0.0
-    if chunk_size:
-        ce = chunked_token_ce(hidden_NH, labels_N, head, chunk_size)
-    else:
-        ce = F.cross_entropy(head(hidden_NH).float(), labels_N, reduction="none")
-    return ce.sum() / total
-
-
 def previous_rank_row(row_BH: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     """The previous rank's `row_BH` in the sequence-parallel group (rank 0 gets its own back), no gradient."""
     row_BH = row_BH.detach().contiguous()
@@ -79,27 +67,10 @@ def previous_rank_row(row_BH: torch.Tensor, sp: SequenceParallel) -> torch.Tenso
     return rows[sp.rank - 1] if sp.rank > 0 else row_BH
 
 
-def _aligned_share(draft_NH, labels_N, teacher_NH, has_teacher_N, head, target, chunk_size: int | None,
-                   total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's share of the aligned diffusion loss, its share of the data CE), each over the whole row's count."""
-    if total == 0 or draft_NH.shape[0] == 0:
-        zero = draft_NH.sum() * 0.0
-        return zero, zero.detach()
-    if chunk_size:
-        per_tok, data_ce = chunked_aligned_ce(draft_NH, labels_N, head, chunk_size, teacher_NH, has_teacher_N, target)
-    else:
-        with torch.no_grad():
-            teacher_NV = head(teacher_NH)
-        per_tok, data_ce = aligned_ce(head(draft_NH), labels_N, teacher_NV, has_teacher_N, target)
-    return per_tok.sum() / total, data_ce.sum() / total
-
-
 def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None, position_ids=None, loss_mask=None,
                        generator=None, return_logits: bool = False):
     """`TidarObjective.forward` for one rank of a sequence-parallel group: returns this rank's loss share (a
     TidarOutput whose terms and token counts are shares too, so summing them over the group gives the row's values)."""
-    from ar2diff.objective import TidarOutput
-
     model = objective.model  # the adapter: layout, mask, the wrapped transformers model
 
     if return_logits:
@@ -125,7 +96,7 @@ def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None,
     if objective.balancing_loss_fn is not None:
         kwargs["output_router_logits"] = True
     out = model.lm.base_model(input_ids=layout.input_ids_BL[:, local], position_ids=positions_BT,
-                              attention_mask=model._mask_argument(gathered_meta, gathered_meta, impl=sp.core_impl),
+                              attention_mask=model.mask_argument(gathered_meta, gathered_meta, impl=sp.core_impl),
                               use_cache=False, **kwargs)
     hidden_BTH = out.last_hidden_state
     aux = None
@@ -143,17 +114,14 @@ def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None,
     has_teacher = teacher_rows(ar_valid)[:, chunk]
     ar_valid, diff_valid = ar_valid[:, chunk], diff_valid[:, chunk]
     clean_BnH, draft_BnH = hidden_BTH.split(n, dim=1)
-    ar = _stream_share(clean_BnH[ar_valid], ar_labels[:, chunk][ar_valid], head, objective.loss_chunk_size, n_ar)
-    diff_data = None
-    if objective.diff_target.ar_weight == 0.0:
-        diff = _stream_share(draft_BnH[diff_valid], diff_labels[:, chunk][diff_valid], head,
-                             objective.loss_chunk_size, n_diff)
-    else:  # the teacher of draft i is the clean row i-1; the shard's first one is the previous rank's last
-        clean = clean_BnH.detach()
-        teacher_BnH = torch.cat([previous_rank_row(clean[:, -1], sp)[:, None], clean[:, :-1]], dim=1)
-        diff, diff_data = _aligned_share(draft_BnH[diff_valid], diff_labels[:, chunk][diff_valid],
-                                         teacher_BnH[diff_valid], has_teacher[diff_valid], head,
-                                         objective.diff_target, objective.loss_chunk_size, n_diff)
-    terms = combine(ar, diff, objective.alpha, aux, objective.aux_coef, int(ar_valid.sum()), int(diff_valid.sum()),
-                    diff_data)
+
+    def teacher_N() -> torch.Tensor:  # the teacher of draft i is the clean row i-1; the shard's first one is the
+        clean = clean_BnH.detach()  # previous rank's last (a collective: every rank of the group calls it)
+        return torch.cat([previous_rank_row(clean[:, -1], sp)[:, None], clean[:, :-1]], dim=1)[diff_valid]
+
+    terms = hybrid_terms(clean_BnH[ar_valid], ar_labels[:, chunk][ar_valid], draft_BnH[diff_valid],
+                         diff_labels[:, chunk][diff_valid], teacher_N, has_teacher[diff_valid], n_ar=n_ar,
+                         n_diff=n_diff, anchors=(clean_BnH, draft_BnH), alpha=objective.alpha, aux_loss=aux,
+                         aux_coef=objective.aux_coef, diff_target=objective.diff_target, head=head,
+                         chunk_size=objective.loss_chunk_size, counts=(int(ar_valid.sum()), int(diff_valid.sum())))
     return TidarOutput(loss=terms.loss, terms=terms, layout=layout)

@@ -79,10 +79,11 @@ class PhaseTrainer:
 
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
-        from ar2diff.checkpoint import load_checkpoint, save_run_assets
+        from ar2diff.checkpoint.export_layout import save_run_assets
+        from ar2diff.checkpoint.resume import load_checkpoint
         from ar2diff.model.params import count_params
         from ar2diff.plan.fits import check_plan_fits, device_capacity
-        from ar2diff.checkpoint import find_latest_complete
+        from ar2diff.checkpoint.resume import find_latest_complete
         from ar2diff.data.report import report_sources
         from ar2diff.trainer.engine import build_engine
         from ar2diff.trainer.resume_config import check_resume_config

@@ -9,7 +9,7 @@ shows it). So ar2diff uses the pieces instead:
 - one `UlyssesSPAttentionHF` per model (its all-to-all: sequence-sharded q/k/v in, head-sharded full sequence to
   the core attention, back out) behind an attention function registered under its own name (`ATTN_KEY`), which
   leaves transformers' "sdpa"/"flex_attention" entries alone;
-- the TiDAR mask over the gathered order, built once per micro-batch by `ar2diff.objective_sharded` and passed
+- the TiDAR mask over the gathered order, built once per micro-batch by `ar2diff.objective.sharded` and passed
   through the model's own `attention_mask` argument, untouched by the wrapper;
 - the local position ids, passed as a model keyword (ZAYA does not hand `position_ids` to its layers).
 

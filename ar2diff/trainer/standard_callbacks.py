@@ -101,7 +101,7 @@ class Checkpointing(Callback):
     order = 10
 
     def save(self, state: TrainState) -> None:
-        from ar2diff.checkpoint import save_checkpoint
+        from ar2diff.checkpoint.resume import save_checkpoint
 
         client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": state.data.train.state_dict(),
                         "history": state.logger.history,
