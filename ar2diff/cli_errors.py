@@ -16,6 +16,7 @@ import time
 from ar2diff.fs import DiskFull, disk_full_while_writing, is_disk_full
 from ar2diff.trainer.faults import NonFiniteError
 from ar2diff.trainer.run_lock import RunLocked
+from omegaconf.errors import OmegaConfBaseException
 
 RANK0_GRACE_S = 20.0
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -61,7 +62,6 @@ def hydra_error_line(err: BaseException) -> str:
     Hydra's own text spreads over several lines (the search path, the option list, OmegaConf's full_key /
     reference_type block); the facts a user needs are kept: the override or key, the reason, the options."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import OmegaConfBaseException
 
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, OverrideParseException):
@@ -96,7 +96,6 @@ def hydra_errors_in_one_line(prog: str):
     in which case it re-raises them. It is set here so the error reaches us; a user who set HYDRA_FULL_ERROR gets
     Hydra's full traceback as before. Any other exception propagates with its traceback (a bug)."""
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     if os.environ.get("HYDRA_FULL_ERROR"):
         yield

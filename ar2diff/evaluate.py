@@ -22,6 +22,18 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from omegaconf import OmegaConf
+from ar2diff.config.compose import compose, to_phase_config
+from ar2diff.trainer.resume_config import CONFIG_NAME
+import torch
+from ar2diff.fs import write_json_atomic
+from ar2diff.evaluation.phase_end import default_device
+from ar2diff.checkpoint.export_layout import read_metadata
+from ar2diff.data.loader import load_packed
+from ar2diff.data.tokenizer import load_tokenizer
+from ar2diff.evaluation.phase_end import phase_end_eval
+from ar2diff.logging import RunLogger
+from ar2diff.cli_errors import USER_ERRORS, report
 
 PROG = "python -m ar2diff.evaluate"
 
@@ -51,10 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(checkpoint: Path, config: str | None, overrides: list[str]):
     """The PhaseConfig to evaluate with: the run's saved config (or the defaults), then `overrides`."""
-    from omegaconf import OmegaConf
-
-    from ar2diff.config.compose import compose, to_phase_config
-    from ar2diff.trainer.resume_config import CONFIG_NAME
 
     saved = Path(config) if config else checkpoint.resolve().parent / CONFIG_NAME
     if config and not saved.is_file():
@@ -80,14 +88,10 @@ def format_table(report: dict) -> str:
 
 def run_lm_eval(args) -> dict:
     """lm-eval-harness tasks on the export; writes and returns the report."""
-    import torch
-
     try:
-        from ar2diff.evaluation.lm_eval_model import Ar2diffLM, run_tasks
+        from ar2diff.evaluation.lm_eval_model import Ar2diffLM, run_tasks  # deferred: lm-eval is optional
     except ImportError as err:
         raise ValueError(f"--tasks needs lm-eval-harness: pip install 'ar2diff[lm_eval]' ({err})") from None
-    from ar2diff.fs import write_json_atomic
-    from ar2diff.decode.evaluate import default_device
 
     if not Path(args.checkpoint).is_dir():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} is not a folder")
@@ -107,11 +111,6 @@ def run_lm_eval(args) -> dict:
 
 def evaluate(args) -> dict:
     """Run the phase-end check (and tasks, when asked) on the export; returns the result dict."""
-    from ar2diff.checkpoint.export_layout import read_metadata
-    from ar2diff.data.loader import load_packed
-    from ar2diff.data.tokenizer import load_tokenizer
-    from ar2diff.decode.evaluate import phase_end_eval
-    from ar2diff.logging import RunLogger
 
     checkpoint = Path(args.checkpoint)
     meta = read_metadata(checkpoint)  # the completeness check names a missing or truncated file
@@ -127,8 +126,6 @@ def evaluate(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ar2diff.cli_errors import USER_ERRORS, report
-
     args = build_parser().parse_args(argv)
     try:
         run_lm_eval(args) if args.tasks else evaluate(args)

@@ -13,16 +13,7 @@ import sys
 
 from ar2diff.dtypes import TORCH_DTYPES
 
-__all__ = ["consolidated_state_dict", "export_checkpoint", "main", "parse_args"]
-
-
-def __getattr__(name: str):
-    """The export functions, loaded on first use (DeepSpeed is imported only when a checkpoint is read)."""
-    if name in ("consolidated_state_dict", "export_checkpoint"):
-        from ar2diff.checkpoint import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'ar2diff.export' has no attribute {name!r}")
+__all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ar2diff.checkpoint.export import export_checkpoint
+    from ar2diff.checkpoint.export import export_checkpoint  # deferred: DeepSpeed only when a checkpoint is read
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, base=args.base, dtype=args.dtype,

@@ -18,6 +18,8 @@ from pathlib import Path
 from ar2diff.config.budget import plan_budget
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.plan.cli import DATA_PLACEHOLDER
+from ar2diff.config.compose import compose
+from ar2diff.plan.cli import device_bytes, plan_for
 
 
 class LayoutError(ValueError):
@@ -94,8 +96,6 @@ def run_dir_for(cfg: PhaseConfig) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from ar2diff.config.compose import compose
-
     if not argv:
         print("usage: python -m ar2diff.launch [--dry-run] HOSTFILE [hardware=mi300x] [overrides]", file=sys.stderr)
         return 2
@@ -114,8 +114,6 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"recipe {cfg.name} (phase {cfg.phase})\n{layout.describe()}", file=sys.stderr)
     if hardware:
-        from ar2diff.plan.cli import device_bytes, plan_for  # imports transformers: only when asked
-
         plan, _, _ = plan_for(overrides, layout.world_size, hardware)
         capacity = device_bytes(hardware)
         verdict = "fits" if plan.total <= 0.9 * capacity else "DOES NOT FIT (see python -m ar2diff.plan)"

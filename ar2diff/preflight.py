@@ -15,6 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 from ar2diff.config.schema import PhaseConfig
+from ar2diff.data import stats as S
+from ar2diff.data.sources import validate_record
+from ar2diff.data.cache import digest
+from ar2diff.data.sources import file_format, in_heldout, resolve_files
+from ar2diff.data.sources import stdlib_files
+from ar2diff.checkpoint.export_layout import is_complete_export
 
 SAMPLE_RECORDS = 200
 EXACT_LIMIT_BYTES = 64 << 20
@@ -23,8 +29,6 @@ DONE_FILES = ("summary.json",)
 
 def _jsonl_sample(files: list[Path], src, chat: bool, limit: int | None) -> tuple[list, Counter]:
     """Usable documents and skip reasons of the first `limit` non-blank lines (all when None)."""
-    from ar2diff.data import stats as S
-    from ar2diff.data.sources import validate_record
 
     docs, reasons, seen = [], Counter(), 0
     for f in files:
@@ -49,8 +53,6 @@ def _jsonl_sample(files: list[Path], src, chat: bool, limit: int | None) -> tupl
 
 
 def _check_files_source(src, key: str, cfg: PhaseConfig) -> None:
-    from ar2diff.data.cache import digest
-    from ar2diff.data.sources import file_format, in_heldout, resolve_files
 
     files = resolve_files(src.path, f"{key}.path")
     empty = [str(f) for f in files if f.stat().st_size == 0]
@@ -79,8 +81,6 @@ def _needs_heldout(cfg: PhaseConfig) -> bool:
 
 
 def _check_stdlib_source(src, key: str, cfg: PhaseConfig) -> None:
-    from ar2diff.data.sources import in_heldout, stdlib_files
-
     rels = stdlib_files(src.path)
     if not rels:
         raise ValueError(f"{key}.path={src.path!r} matches no stdlib file")
@@ -110,8 +110,6 @@ def check_phase_inputs(cfg: PhaseConfig, label: str = "") -> None:
 def phase_complete(phase_dir: str | Path, cfg: PhaseConfig) -> bool:
     """True when `phase_dir` holds a complete export, its summary, and (if the decoder check is on) eval.json:
     a re-run has nothing left to do for this phase."""
-    from ar2diff.checkpoint.export_layout import is_complete_export
-
     phase_dir = Path(phase_dir)
     needed = [phase_dir / "summary.json"] + ([phase_dir / "eval.json"] if _needs_heldout(cfg) else [])
     return is_complete_export(phase_dir / "export") and all(p.is_file() for p in needed)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ar2diff.fs import write_text_atomic
+from omegaconf import OmegaConf
 
 CONFIG_NAME, OVERRIDES_NAME = "config.yaml", "overrides.yaml"
 
@@ -35,8 +36,6 @@ def announce(run_dir: str | Path, overrides: list[str], world_size: int = 1) -> 
 
 def write_run_record(run_dir: str | Path, cfg, overrides: list[str]) -> None:
     """config.yaml (resolved) and overrides.yaml in `run_dir`; call on rank 0."""
-    from omegaconf import OmegaConf
-
     run_dir = Path(run_dir)
     for name, text in ((CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.structured(cfg))),
                        (OVERRIDES_NAME, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))):

@@ -25,6 +25,17 @@ from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.config.paths import CONF_DIR, RECIPES_DIR, search_path_override, user_search_path
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.run_folder import announce, sweep_job_dirname, write_run_record
+import torch.distributed as dist
+from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.phase import PhaseTrainer
+from ar2diff.preflight import check_phase_inputs, phase_complete
+from ar2diff.trainer.phase import PhaseResult
+from ar2diff.evaluation.report import write_pipeline_quality
+from ar2diff.trainer.run_lock import lock_run_dir
+from ar2diff.cli_errors import USER_ERRORS, disk_full_anywhere, report
+from ar2diff.logging import configure_cli_logging
+from ar2diff.trainer.faults import Preempted
+from ar2diff.cli_errors import hydra_errors_in_one_line
 
 # hydra.sweep.dir in conf/config.yaml: run_dir= when given, else a new folder under outputs/<name>/
 OmegaConf.register_new_resolver("ar2diff_or", lambda value, default: default if value is None else value,
@@ -38,10 +49,6 @@ log = logging.getLogger("ar2diff.train")
 
 def default_run_dir(name: str) -> Path:
     """outputs/<name>/<timestamp>, chosen on rank 0 and shared with every rank."""
-    import torch.distributed as dist
-
-    from ar2diff.trainer.distributed import init_distributed
-
     init_distributed()
     stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -50,8 +57,6 @@ def default_run_dir(name: str) -> Path:
 
 
 def _on_rank0() -> bool:
-    import torch.distributed as dist
-
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -60,8 +65,6 @@ def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbac
     """Train one phase with the built-in callbacks (+ `callbacks`); the decoder check for a TiDAR phase.
     `overrides` (when given) are recorded with the resolved config in the phase folder. reference_data: the
     pipeline's fixed pretraining held-out set for base-relative quality (None: the phase's own)."""
-    from ar2diff.trainer.phase import PhaseTrainer
-
     if overrides is not None and _on_rank0():
         write_run_record(run_dir, cfg, overrides)
     decoder_check = cfg.objective.kind == "tidar" and cfg.decoder.enabled
@@ -71,8 +74,6 @@ def run_phase(cfg: PhaseConfig, run_dir: Path, group: str | None = None, callbac
 
 def plan_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list[tuple[PhaseConfig, Path]]:
     """Every phase composed and validated up front: (config, phase folder); phase i starts from phase i-1's export."""
-    from ar2diff.trainer.distributed import init_distributed
-
     base = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("model.path=")), None)
     passthrough = [o for o in user_overrides
                    if o.split("=", 1)[0].lstrip("+~") not in ("recipe", "run_dir")
@@ -97,8 +98,6 @@ def plan_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) ->
 
 def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> list:
     """Run the phases in order, after checking every phase's inputs; a phase already complete is not redone."""
-    from ar2diff.preflight import check_phase_inputs, phase_complete
-    from ar2diff.trainer.phase import PhaseResult
 
     plan = plan_pipeline(cfg, user_overrides, run_dir)
     for i, (phase_cfg, phase_dir, _) in enumerate(plan):
@@ -120,8 +119,6 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
         "recipe": cfg.name, "group": group,
         "phases": [{"phase": r.summary.get("phase"), "run_dir": str(r.run_dir), "export_dir": str(r.export_dir)}
                    for r in results]})
-    from ar2diff.evaluation.report import write_pipeline_quality
-    from ar2diff.trainer.distributed import init_distributed
 
     if init_distributed().rank == 0:  # base -> midtrain -> context extension -> SFT: pipeline_quality.{json,md,png}
         write_pipeline_quality(run_dir, [r.run_dir for r in results])
@@ -131,10 +128,6 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
 def run(cfg: PhaseConfig, overrides: list[str] = (), resume_overrides: list[str] | None = None) -> list:
     """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does). The start-up lines
     print the resume command with `resume_overrides` (default: `overrides`)."""
-    from ar2diff.trainer.distributed import init_distributed
-
-    from ar2diff.trainer.run_lock import lock_run_dir
-
     ctx = init_distributed()
     cfg.validate(ctx.world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
@@ -146,7 +139,6 @@ def run(cfg: PhaseConfig, overrides: list[str] = (), resume_overrides: list[str]
             if _on_rank0():
                 write_run_record(run_dir, cfg, list(overrides))
             return run_pipeline(cfg, list(overrides), run_dir)
-        from ar2diff.preflight import check_phase_inputs
 
         check_phase_inputs(cfg)
         return [run_phase(cfg, run_dir, overrides=list(overrides))]
@@ -164,9 +156,6 @@ NO_RECIPE = """python -m ar2diff.train needs a recipe (or overrides saying what 
 def hydra_main(dict_cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ar2diff.cli_errors import USER_ERRORS, disk_full_anywhere, report
-    from ar2diff.logging import configure_cli_logging
-    from ar2diff.trainer.faults import Preempted
 
     configure_cli_logging()  # also: a log file on a full disk (W&B's debug.log) prints nothing
 
@@ -216,7 +205,6 @@ def main() -> None:
     """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
     flags, overrides = split_flags(sys.argv[1:])
     sys.argv[1:] = flags + search_path_override(overrides)
-    from ar2diff.cli_errors import hydra_errors_in_one_line
 
     with hydra_errors_in_one_line("ar2diff.train"):  # an unknown key, a bad option, a malformed override
         hydra_main()

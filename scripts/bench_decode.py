@@ -167,7 +167,8 @@ def cache_sweep(model, prompt_lens: list[int], args, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from ar2diff.config.schema import DecoderEvalConfig
     from ar2diff.decode.ar import summarize
-    from ar2diff.decode.evaluate import agreement, run_decoder, sampler_configs
+    from ar2diff.decode.run import run_decoder
+    from ar2diff.evaluation.decoder_check import agreement, sampler_configs
 
     args = build_parser().parse_args(argv)
     if (args.checkpoint is None) == (args.tiny is None):

@@ -158,7 +158,7 @@ def test_zero0_checkpoint_exports_the_module_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ar2diff.checkpoint.export_layout import save_run_assets
-    from ar2diff.export import export_checkpoint
+    from ar2diff.checkpoint.export import export_checkpoint
 
     engine = W.make_engine(W.tiny_model("llama", seed=2), stage=0)
     W.train_steps(engine, 1)

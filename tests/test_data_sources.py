@@ -144,7 +144,7 @@ def test_missing_files_name_the_key(cache):
 
 def test_stdlib_chat_records_are_functions_with_their_docstrings(tmp_path):
     """The quickstart's SFT source: one conversation per documented stdlib function, split by file."""
-    from ar2diff.data.config import DataConfig, SourceConfig
+    from ar2diff.config.data import DataConfig, SourceConfig
     from ar2diff.data.sources import read_records
 
     src = SourceConfig(kind="stdlib_chat", path="json/*")

@@ -180,7 +180,7 @@ def test_levels_auto_from_eval_json_and_from_a_calibration_decode(checkpoint, tm
     """--levels auto: the levels chosen from eval.json's histogram are the ones decoded with, equal to the library
     choice; without eval.json a calibration decode (cpu: timed forwards) supplies the histogram."""
     from ar2diff.decode.levels import accelerator_cost, choose_levels
-    from ar2diff.decode.evaluate import model_shape
+    from ar2diff.model.params import model_shape
 
     hist = [2, 1, 0, 9]  # block 4: mostly all three drafts accepted
     eval_json = tmp_path / "eval.json"

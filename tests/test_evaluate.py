@@ -12,8 +12,11 @@ import torch
 from ar2diff.checkpoint.export_layout import export_model
 from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.schema import DecoderEvalConfig, PhaseConfig
-from ar2diff.decode.evaluate import (ACCELERATORS, evaluate_checkpoint, phase_end_eval, read_heldout, select_prompts,
-                                     write_eval)
+from ar2diff.decode.projection import ACCELERATORS
+from ar2diff.evaluation.decoder_check import evaluate_checkpoint
+from ar2diff.evaluation.heldout import read_heldout, select_prompts
+from ar2diff.evaluation.eval_json import write_eval
+from ar2diff.evaluation.phase_end import phase_end_eval
 from ar2diff.logging import RunLogger
 from ar2diff.model import TidarLM
 from ar2diff.objective import TidarObjective

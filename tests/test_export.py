@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ar2diff.checkpoint.export_layout import export_model, is_complete_export, read_metadata
 from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME, ar2diff_version
-from ar2diff.export import export_checkpoint, main
+from ar2diff.checkpoint.export import export_checkpoint
+from ar2diff.export import main
 from launch import failure_log, run_ranks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))

@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ar2diff.checkpoint.export_layout import read_metadata
 from ar2diff.checkpoint.resume import resolve_checkpoint
 from ar2diff.checkpoint.autoep import _edp_members, consolidate_autoep_checkpoint
-from ar2diff.export import consolidated_state_dict, main
+from ar2diff.checkpoint.export import consolidated_state_dict
+from ar2diff.export import main
 from ar2diff.model import TidarLM
 from launch import failure_log, run_ranks  # noqa: E402
 

@@ -10,7 +10,8 @@ import torch
 
 from ar2diff.analysis import RUN_DIRS_ENV, load_runs, phase_dirs
 from ar2diff.config.schema import DecoderEvalConfig
-from ar2diff.decode.evaluate import evaluate_checkpoint, write_eval
+from ar2diff.evaluation.decoder_check import evaluate_checkpoint
+from ar2diff.evaluation.eval_json import write_eval
 from ar2diff.fs import write_json_atomic
 from ar2diff.logging import RunLogger
 from ar2diff.model import TidarLM

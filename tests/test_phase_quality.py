@@ -10,7 +10,8 @@ import torch
 from ar2diff.checkpoint.export_layout import export_model
 from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.schema import DecoderEvalConfig, PhaseConfig
-from ar2diff.decode.evaluate import heldout_losses, phase_end_eval
+from ar2diff.evaluation.heldout import heldout_losses
+from ar2diff.evaluation.phase_end import phase_end_eval
 from ar2diff.evaluation.base_relative import load_as_was, original_base
 from ar2diff.evaluation.position import bucket_edges, bucket_losses, compare_buckets, token_nll
 from ar2diff.evaluation.report import pipeline_trajectory, trajectory_markdown, write_pipeline_quality

@@ -25,7 +25,7 @@ def test_model_shape_counts_the_real_models_parameters():
     shape = model_shape(config)
     assert shape.total_params == sum(p.numel() for p in model.parameters())
     assert shape.expert_params == sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    assert shape.mlp_width == 2 * 32 and shape.attn_width == (4 + 2 * 2) * 16 and shape.num_layers == 2
+    assert shape.mlp_width == 2 * 32 and shape.qkv_width == (4 + 2 * 2) * 16 and shape.num_layers == 2
 
 
 def test_zero_stages_partition_what_they_should():

@@ -25,7 +25,7 @@ def assert_greedy_tidar_matches_generate(export, tokenizer):
     """On the exported checkpoint: greedy lossless TiDAR == transformers' generate(do_sample=False)."""
     import torch
 
-    from ar2diff.decode.evaluate import load_exported
+    from ar2diff.evaluation.phase_end import load_exported
     from ar2diff.decode.tidar import TidarConfig, decode_tidar
 
     tidar = load_exported(export)

@@ -20,6 +20,8 @@ from ar2diff.checkpoint.export_layout import (AR_PHASE, BLOCK_SIZE_CONFIG_KEY, R
                                               RunAssets, export_model, load_run_assets)
 from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
 from ar2diff.dtypes import TORCH_DTYPES
+from ar2diff.checkpoint.autoep import consolidate_autoep_checkpoint
+from ar2diff.checkpoint.safe_export import check_destination
 
 
 
@@ -34,7 +36,6 @@ def consolidated_state_dict(ref: CheckpointRef, model: torch.nn.Module | None = 
         if model is None:
             raise ValueError(f"{ref.path} is an expert-parallel (AutoEP) checkpoint: pass the transformers model "
                              "built from its config (consolidated_state_dict(ref, model))")
-        from ar2diff.checkpoint.autoep import consolidate_autoep_checkpoint
 
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         return consolidate_autoep_checkpoint(ref.path, model.config.model_type, shapes)
@@ -89,8 +90,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     (float32 if it names none). ``extra_metadata`` is merged last into ar2diff.json (e.g. the trainer's
     own ``step``/``tokens_seen``). ``overwrite=True`` replaces an existing export atomically."""
     from transformers import AutoModelForCausalLM
-
-    from ar2diff.checkpoint.safe_export import check_destination
 
     ref = resolve_checkpoint(checkpoint, tag)
     out = Path(out)

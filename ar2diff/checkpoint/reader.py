@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from ar2diff.checkpoint.export_layout import BLOCK_SIZE_CONFIG_KEY, METADATA_NAME, read_metadata
+from ar2diff.model.loading import load_model
+from ar2diff.model.tidar import TidarLM
 
 
 @dataclass
@@ -28,8 +30,6 @@ class LoadedExport:
 
     def tidar(self):
         """The `TidarLM` adapter around the model (eval mode); a one-line error when this is no TiDAR export."""
-        from ar2diff.model.tidar import TidarLM
-
         if self.mask_token_id is None:
             raise ValueError(f"{self.path / 'config.json'} has no mask_token_id: this is not a TiDAR checkpoint "
                              "(export one with python -m ar2diff.export), or decode with the AR sampler (--sampler ar)")
@@ -42,8 +42,6 @@ def load_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
                 block_size: int | None = None, with_tokenizer: bool = True) -> LoadedExport:
     """Load an export folder (or any transformers checkpoint folder: then only AR decoding is possible).
     `block_size` overrides the trained block size (decoding with a different one)."""
-    from ar2diff.model.loading import load_model
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model checkpoint folder {str(path)!r} does not exist")

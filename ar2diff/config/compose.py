@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
 from ar2diff.config.schema import PhaseConfig
+from ar2diff.config.paths import CONF_DIR, search_path_override
 
 
 
@@ -41,8 +42,6 @@ def compose(overrides: list[str]) -> PhaseConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from ar2diff.config.paths import CONF_DIR, search_path_override
 
     overrides = search_path_override(list(overrides))
     if GlobalHydra.instance().is_initialized():

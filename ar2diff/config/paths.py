@@ -17,6 +17,7 @@ from hydra.plugins.config_source import ConfigResult
 
 from hydra._internal.core_plugins.file_config_source import FileConfigSource
 from hydra._internal.sources_registry import SourcesRegistry
+from ar2diff.config.schema import PhaseConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 RECIPE_GROUP = "recipe"
@@ -71,8 +72,6 @@ def _store_schema() -> None:
     """The typed defaults (config/schema.py's PhaseConfig) as the base of conf/config.yaml (`- ar2diff_schema`), so
     YAML states only what differs from them and every schema key is overridable."""
     from hydra.core.config_store import ConfigStore
-
-    from ar2diff.config.schema import PhaseConfig
 
     ConfigStore.instance().store(name="ar2diff_schema", node=PhaseConfig)
 

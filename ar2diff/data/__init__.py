@@ -5,27 +5,49 @@
     loaders = build_dataloaders(cfg, tok, batch_size=8, rank=rank, world_size=world)
     batch = next(loaders.train)                   # dict of (B, S) tensors, see packing.py
 
-Names load on first use, so `ar2diff.data.config` (plain dataclasses) imports nothing that runs.
+The configs (`DataConfig`, `SourceConfig`) are plain dataclasses in `ar2diff.config.data`.
 """
 
-_EXPORTS = {
-    "DataConfig": "config", "SourceConfig": "config",
-    "DataLoaders": "loader", "PackedDataset": "loader", "TrainBatches": "loader", "build_dataloaders": "loader",
-    "heldout_rows": "loader", "load_packed": "loader", "mixture_order": "loader",
-    "prepare_data": "loader", "TokenRows": "compact", "prepare_all": "prepare",
-    "pack_documents": "packing", "rows_from_stream": "packing",
-    "TemplateError": "sft", "encode_chat": "sft",
-    "stdlib_corpus": "sources",
-    "DataStats": "stats",
-    "DEFAULT_CHAT_TEMPLATE": "tokenizer", "get_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
-    "train_bpe": "tokenizer",
-}
-__all__ = sorted(_EXPORTS)
+from ar2diff.config.data import DataConfig, SourceConfig
+from ar2diff.data.compact import TokenRows
+from ar2diff.data.loader import (
+    DataLoaders,
+    PackedDataset,
+    TrainBatches,
+    build_dataloaders,
+    heldout_rows,
+    load_packed,
+    mixture_order,
+    prepare_data,
+)
+from ar2diff.data.packing import pack_documents, rows_from_stream
+from ar2diff.data.prepare import prepare_all
+from ar2diff.data.sft import TemplateError, encode_chat
+from ar2diff.data.sources import stdlib_corpus
+from ar2diff.data.stats import DataStats
+from ar2diff.data.tokenizer import DEFAULT_CHAT_TEMPLATE, get_tokenizer, load_tokenizer, train_bpe
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "DataConfig",
+    "DataLoaders",
+    "DataStats",
+    "PackedDataset",
+    "SourceConfig",
+    "TemplateError",
+    "TokenRows",
+    "TrainBatches",
+    "build_dataloaders",
+    "encode_chat",
+    "get_tokenizer",
+    "heldout_rows",
+    "load_packed",
+    "load_tokenizer",
+    "mixture_order",
+    "pack_documents",
+    "prepare_all",
+    "prepare_data",
+    "rows_from_stream",
+    "stdlib_corpus",
+    "train_bpe",
+]

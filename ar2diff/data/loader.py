@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .compact import TokenRows
-from .config import DataConfig
+from ar2diff.config.data import DataConfig
 from .prepare import SPLITS, check_inline, load_source
 from .stats import DataStats
 

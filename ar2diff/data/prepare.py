@@ -26,8 +26,13 @@ from . import packing
 from . import stats as S
 from .cache import build_once, cache_root, digest, tokenizer_fingerprint
 from .compact import Segment, load_split, token_dtype, write_split
-from .config import TOKEN_KINDS, DataConfig, SourceConfig
+from ar2diff.config.data import TOKEN_KINDS, DataConfig, SourceConfig
 from .sources import read_records, resolve_files, select_split, source_fingerprint, stdlib_files, stdlib_root
+from ar2diff.data.tokenfile import source_files
+from ar2diff.data.tokenfile import index_folder
+from ar2diff.data.tokenfile import build_index, load_index
+from ar2diff.config.compose import compose
+from ar2diff.data.tokenizer import resolve_tokenizer
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = 2  # bump when tokenization or the stored format changes, to invalidate prepared data
@@ -118,16 +123,12 @@ def source_bytes(src: SourceConfig, key: str) -> int:
     if src.kind == "files":
         return sum(f.stat().st_size for f in resolve_files(src.path, f"{key}.path"))
     if src.kind in TOKEN_KINDS:
-        from .tokenfile import source_files
-
         return sum(t.nbytes for _, t, _ in source_files(src, key)) // TOKEN_READ_FACTOR
     return 0  # hub: size unknown before download
 
 
 def check_inline(cfg: DataConfig, tokenizer) -> None:
     """Raise (on every rank, before any waits) if a source is not prepared and too large to prepare inline."""
-    from .tokenfile import index_folder
-
     for i, src in enumerate(cfg.sources):
         key = f"data.sources[{i}]"
         if src.kind in TOKEN_KINDS:
@@ -150,8 +151,6 @@ def load_source(cfg: DataConfig, src: SourceConfig, tokenizer, key: str, split: 
                                                                                              S.DataStats]:
     """Segments and stats of one split of a source, preparing or indexing it first if needed."""
     if src.kind in TOKEN_KINDS:
-        from .tokenfile import build_index, load_index
-
         return load_index(build_index(cfg, src, tokenizer, key), split)
     folders = complete_shards(prepared_root(cfg, src, tokenizer, key))
     if folders is None:
@@ -166,8 +165,6 @@ def load_source(cfg: DataConfig, src: SourceConfig, tokenizer, key: str, split: 
 
 def prepare_all(cfg: DataConfig, tokenizer, num_proc: int = 1, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Prepare shard `shard` of every text source (and index token sources on shard 0); one report per source."""
-    from .tokenfile import build_index, load_index
-
     i, n = shard
     report = []
     for j, src in enumerate(cfg.sources):
@@ -220,8 +217,6 @@ def parse_args(argv: list[str]) -> tuple[list[str], int, tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from ar2diff.config.compose import compose
-    from ar2diff.trainer.setup import resolve_tokenizer
 
     overrides, num_proc, shard = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)

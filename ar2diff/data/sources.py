@@ -20,7 +20,8 @@ import datasets
 
 from . import stats as S
 from .cache import cache_root, digest, unit_hash
-from .config import DataConfig, SourceConfig
+from ar2diff.config.data import DataConfig, SourceConfig
+from ar2diff.data.stdlib_chat import chat_records
 
 TEXT_FEATURES = datasets.Features(
     {"text": datasets.Value("string"), "key": datasets.Value("string"), "reason": datasets.Value("string")})
@@ -145,8 +146,6 @@ def stdlib_corpus(split: str = "train", heldout_fraction: float = 0.02, pattern:
 
 
 def _stdlib_chat_gen(rels: list[str], fingerprint: str):
-    from .stdlib_chat import chat_records
-
     for rel in rels:
         text, reason = read_stdlib_file(rel)
         if reason:

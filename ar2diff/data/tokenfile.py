@@ -29,7 +29,7 @@ import numpy as np
 from . import stats as S
 from .cache import build_once, cache_root, digest, tokenizer_fingerprint
 from .compact import Segment
-from .config import DataConfig, SourceConfig
+from ar2diff.config.data import DataConfig, SourceConfig
 from .sources import files_fingerprint, resolve_files
 
 INDEX_VERSION = 1

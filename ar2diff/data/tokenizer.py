@@ -14,8 +14,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .cache import build_once, cache_root, unit_hash
-from .config import DataConfig
+from ar2diff.config.data import DataConfig
 from .sources import in_heldout, read_stdlib_file, stdlib_files, stdlib_root
+from ar2diff.export_format import check_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     if not folder.is_dir():
         raise ValueError(f"data.tokenizer_path={path!r} is not a folder; give a local HF tokenizer folder "
                          "or set it to null to train the stdlib BPE")
-    from ar2diff.export_format import check_tokenizer_files
 
     check_tokenizer_files(folder)  # otherwise transformers says "install sentencepiece or tiktoken"
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -107,3 +107,19 @@ def train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=ROLE_TOKENS, **SPECIAL_TOKENS)
     hf.chat_template = DEFAULT_CHAT_TEMPLATE
     return hf
+
+
+def resolve_tokenizer(cfg):
+    """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
+    if cfg.model.path and not Path(cfg.model.path).is_dir():
+        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a folder; point it at a local transformers "
+                                "checkpoint (config.json + *.safetensors)")
+    if cfg.data.tokenizer_path:
+        return load_tokenizer(cfg.data.tokenizer_path)
+    if cfg.model.path and any((Path(cfg.model.path) / f).is_file()
+                              for f in ("tokenizer.json", "tokenizer_config.json")):
+        return load_tokenizer(cfg.model.path)
+    if cfg.model.path:
+        raise ValueError(f"model.path={cfg.model.path!r} has no tokenizer files; set data.tokenizer_path to the "
+                         "model's tokenizer folder")
+    return get_tokenizer(cfg.data)

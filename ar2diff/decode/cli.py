@@ -19,6 +19,10 @@ from ar2diff.decode.common import DecodeConfig, eos_of, summarize
 from ar2diff.decode.levels import HARDWARE
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.dtypes import TORCH_DTYPES
+from ar2diff.checkpoint.reader import load_export
+from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
+from ar2diff.export_format import check_tokenizer_files
+from ar2diff.decode.levels import resolve_auto_levels
 
 
 
@@ -121,8 +125,6 @@ def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
 
 def run(args) -> dict:
     """Load, decode, return the JSON-ready report (also what `--json` prints)."""
-    from ar2diff.checkpoint.reader import load_export
-
     texts = read_prompts(args)
     if args.sampler == "mixing" and args.mix_weight is None:
         raise CliError("--sampler mixing needs --mix-weight W (W in [0, 1])")
@@ -131,8 +133,6 @@ def run(args) -> dict:
     if (args.levels == "auto") != (args.hardware is not None):
         raise CliError("--levels auto needs --hardware (mi300x, mi355x, h100 or cpu), and --hardware applies only "
                        "to --levels auto")
-    from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
-    from ar2diff.export_format import check_tokenizer_files
 
     check_device(args.device)
     warn_ignored_flags(args)
@@ -156,8 +156,6 @@ def run(args) -> dict:
                           levels="all" if args.levels == "auto" else args.levels, sampler=args.sampler,
                           mix_weight=args.mix_weight or 0.0, drafter_temperature=args.drafter_temperature)
         if args.levels == "auto":
-            from ar2diff.decode.levels import resolve_auto_levels
-
             eval_json = args.histogram or (Path(args.checkpoint) / "eval.json")
             if args.histogram and not Path(args.histogram).is_file():
                 raise CliError(f"--histogram {args.histogram!r} does not exist")

@@ -29,6 +29,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ar2diff.decode.projection import ACCELERATORS, ModelShape, forward_cost
+import copy
+import torch
+import json
+from pathlib import Path
+from dataclasses import replace
+from ar2diff.model.params import model_shape
+from ar2diff.decode.metrics import full_draft_histogram
+from ar2diff.decode.tidar import decode_tidar
 
 HARDWARE = {"mi300x": "MI300X", "mi355x": "MI355X", "h100": "H100 SXM", "cpu": None}
 ZYPHRA_LEVELS_16 = (4, 7, 10)
@@ -128,9 +136,6 @@ def cpu_cost(lm, block_size: int, context: int = 64, repeats: int = 3) -> tuple[
     """Forward time on this machine, measured: the median of `repeats` forwards of T new tokens over a KV cache of
     `context` tokens, for T = 1 and the widths of 1, B/2 and B templates; a least-squares line a + b*T in between.
     Returns (cost function, the measured points)."""
-    import copy
-
-    import torch
     from transformers import DynamicCache
 
     device = next(lm.parameters()).device
@@ -206,8 +211,6 @@ def phase_end_levels(samplers: dict, statistics: dict, shape: ModelShape, block_
 def histogram_from_eval(eval_json, sampler: str, block_size: int, temperature: float) -> list[int] | None:
     """The acceptance histogram of `sampler` ("lossless", "mixing_0.5", ...) from an eval.json measured at this
     block size; the full-draft histogram at `temperature` when recorded. None when the file does not hold one."""
-    import json
-    from pathlib import Path
 
     result = json.loads(Path(eval_json).read_text())
     if result.get("settings", {}).get("block_size") != block_size or sampler not in result.get("samplers", {}):
@@ -222,11 +225,6 @@ def resolve_auto_levels(model, prompts, cfg, hardware: str, eval_json=None, batc
     """`--levels auto`: the histogram from `eval_json` (when it holds one for this sampler and block size) or from a
     calibration decode of `prompts` with every level, the cost model of `hardware`, and `choose_levels`' report
     for it (plus where the histogram came from and, on cpu, the timed points)."""
-    from dataclasses import replace
-
-    from ar2diff.decode.evaluate import model_shape
-    from ar2diff.decode.metrics import full_draft_histogram
-    from ar2diff.decode.tidar import decode_tidar
 
     if hardware not in HARDWARE:
         raise ValueError(f"--hardware {hardware!r} must be one of {sorted(HARDWARE)}")

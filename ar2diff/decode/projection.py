@@ -40,6 +40,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from ar2diff.model.params import ModelShape
+
 __all__ = [
     "Accelerator",
     "ModelShape",
@@ -73,57 +75,6 @@ MI355X = Accelerator("MI355X", 2.5e15, 8.0e12)
 # H100 SXM: 989 TFLOP/s dense bf16 (1979 with sparsity); 3.35 TB/s HBM3.
 H100_SXM = Accelerator("H100 SXM", 989e12, 3.35e12)
 ACCELERATORS = {a.name: a for a in (MI300X, MI355X, H100_SXM)}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs of a model. Dense models: total == active, num_experts == 1.
-
-    active_params: parameters one token multiplies through (incl. its k experts and the LM head).
-    num_experts / experts_per_token: routed experts per MoE layer and top-k; shared experts are not routed
-    and belong in the always-touched part (they are in both totals).
-    """
-
-    total_params: float
-    active_params: float
-    num_layers: int
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    num_query_heads: int | None = None
-    num_experts: int = 1
-    experts_per_token: int = 1
-    bytes_per_param: float = 2.0
-    kv_bytes_per_elem: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.active_params <= self.total_params:
-            raise ValueError(
-                f"ModelShape needs 0 < active_params <= total_params, got active={self.active_params}, "
-                f"total={self.total_params}"
-            )
-        if not 1 <= self.experts_per_token <= self.num_experts:
-            raise ValueError(
-                f"ModelShape needs 1 <= experts_per_token <= num_experts, got {self.experts_per_token} and "
-                f"{self.num_experts} (dense: num_experts=1, experts_per_token=1)"
-            )
-        routed = self.num_experts > self.experts_per_token
-        if routed == (self.total_params == self.active_params):
-            raise ValueError(
-                "ModelShape: total_params == active_params means a dense model (num_experts == experts_per_token) "
-                f"and vice versa; got total={self.total_params}, active={self.active_params}, "
-                f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}"
-            )
-
-    @property
-    def routed_params(self) -> float:
-        """Parameters of all routed experts, all layers: E * (total - active) / (E - k); 0 for dense."""
-        E, k = self.num_experts, self.experts_per_token
-        return 0.0 if E == k else E * (self.total_params - self.active_params) / (E - k)
-
-    @property
-    def attn_width(self) -> int:
-        return self.num_query_heads * self.head_dim if self.num_query_heads else self.hidden_size
 
 
 @dataclass(frozen=True)

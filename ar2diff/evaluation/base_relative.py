@@ -13,6 +13,10 @@ import json
 from pathlib import Path
 
 import torch
+from ar2diff.model.loading import load_model
+from ar2diff.model.tidar import TidarLM
+from ar2diff.objective import TidarObjective
+from ar2diff.evaluation.heldout import heldout_losses
 
 METADATA = "ar2diff.json"
 DIFFUSION_PHASES = ("tidar_midtrain", "context_extension", "diffusion_sft")
@@ -37,9 +41,6 @@ def original_base(start_dir) -> Path:
 
 def load_as_was(folder, dtype=torch.float32, device=None, alpha: float = 1.0):
     """A `TidarObjective` of an export (or plain HF folder) with its own config; kind "ar" without a mask token."""
-    from ar2diff.model.loading import load_model
-    from ar2diff.model.tidar import TidarLM
-    from ar2diff.objective import TidarObjective
 
     meta = read_meta(folder)
     lm = load_model(folder, dtype=dtype)
@@ -53,8 +54,6 @@ def load_as_was(folder, dtype=torch.float32, device=None, alpha: float = 1.0):
 
 def score(model, rows: dict[str, torch.Tensor], micro_batch: int, seed: int = 0) -> dict:
     """{loss_ar, loss_diff (None without a mask token), tokens_ar, tokens_diff} on rows."""
-    from ar2diff.decode.evaluate import heldout_losses
-
     h = heldout_losses(model, rows, micro_batch, seed=seed)
     has_diff = model.kind == "tidar"
     return {"loss_ar": h["loss_ar"], "loss_diff": h["loss_diff"] if has_diff else None,

@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from ar2diff.data.tokenizer import load_tokenizer
+from ar2diff.evaluation.base_relative import load_as_was
+from ar2diff.decode.ar import DecodeConfig
+from ar2diff.decode.tidar import TidarConfig
+from ar2diff.decode.run import run_decoder
 
 SAMPLERS = ("ar", "lossless", "mixing")
 
@@ -61,8 +66,6 @@ class Ar2diffLM(LM):
     @classmethod
     def from_export(cls, path, dtype=torch.float32, device=None, **kwargs) -> "Ar2diffLM":
         """Load an export folder (or a plain transformers folder with a tokenizer) as it was exported."""
-        from ar2diff.data.tokenizer import load_tokenizer
-        from ar2diff.evaluation.base_relative import load_as_was
 
         return cls(load_as_was(path, dtype=dtype, device=device).model, load_tokenizer(path), **kwargs)
 
@@ -108,8 +111,6 @@ class Ar2diffLM(LM):
         return out
 
     def decode_config(self, max_new_tokens: int, temperature: float, top_p: float, seed: int):
-        from ar2diff.decode.ar import DecodeConfig
-        from ar2diff.decode.tidar import TidarConfig
 
         shared = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       eos_token_id=self.tokenizer.eos_token_id)
@@ -119,8 +120,6 @@ class Ar2diffLM(LM):
                            mix_weight=self.mix_weight if self.sampler == "mixing" else 0.0)
 
     def generate_until(self, requests) -> list[str]:
-        from ar2diff.decode.evaluate import run_decoder
-
         out = []
         for i, req in enumerate(requests):
             context, kwargs = req.args

@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from math import comb
 
 import torch
+from ar2diff.evaluation.heldout import select_prompts
+from dataclasses import replace
+from ar2diff.decode.run import run_decoder
 
 Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, seed) -> generated ids per prompt
 
@@ -29,8 +32,6 @@ def continuation_tasks(rows: dict[str, torch.Tensor], num_prompts: int, prompt_l
                        target_len: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, target ids) pairs: the first prompt_len + target_len tokens of document segments, one per
     segment, round-robin over rows (as the phase-end decoder picks its prompts). Deterministic."""
-    from ar2diff.decode.evaluate import select_prompts
-
     picks = select_prompts(rows, num_prompts, prompt_len + target_len)
     ids = rows["input_ids"]
     return [(ids[r, s:s + prompt_len].tolist(), ids[r, s + prompt_len:s + prompt_len + target_len].tolist())
@@ -92,8 +93,6 @@ def vs_reference(correct: Sequence[int], reference: Sequence[int], n: int, ks: S
 
 def decoder_generate(model, cfg, run_decoder) -> Generate:
     """A `Generate` from an ar2diff decoder config (AR or TiDAR), via the phase-end check's `run_decoder`."""
-    from dataclasses import replace
-
     def generate(prompts: list[list[int]], seed: int) -> list[list[int]]:
         return [r.token_ids for r in run_decoder(model, prompts, replace(cfg, seed=seed))]
 
@@ -108,8 +107,6 @@ def evaluate_passk(model, rows: dict[str, torch.Tensor], sampler_cfgs: dict, *, 
     sampler_cfgs: {name: DecodeConfig/TidarConfig} with max_new_tokens >= target_len and the stated temperature
     (the phase-end check builds them with `sampler_configs`); "ar" must be among them.
     """
-    from ar2diff.decode.evaluate import run_decoder
-
     tasks = continuation_tasks(rows, num_prompts, prompt_len, target_len)
     correct = {name: count_correct(decoder_generate(model, cfg, run_decoder), tasks, samples, seed)
                for name, cfg in sampler_cfgs.items()}

@@ -19,6 +19,9 @@ import torch
 from ar2diff.evaluation.base_relative import compare, load_as_was, original_base
 from ar2diff.evaluation.passk import evaluate_passk
 from ar2diff.evaluation.position import position_report
+from ar2diff.evaluation.decoder_check import sampler_configs
+from ar2diff.evaluation.heldout import read_heldout
+from ar2diff.data.loader import heldout_rows as read_rows
 
 
 def previous_seq_len(start_dir) -> int | None:
@@ -49,7 +52,6 @@ def phase_quality(*, cfg, end_model, heldout, samplers: dict, loss_rows: int, re
     fixed pretraining held-out set, read with `tokenizer` (None: the phase's own rows unless they are chat).
     samplers: the decoder check's per-sampler numbers.
     """
-    from ar2diff.decode.evaluate import read_heldout, sampler_configs
 
     q, dcfg = cfg.decoder.quality, cfg.decoder
     heldout_rows = read_heldout(heldout, max(loss_rows, q.reference_rows), q.passk_prompts if q.passk else 1,
@@ -64,8 +66,6 @@ def phase_quality(*, cfg, end_model, heldout, samplers: dict, loss_rows: int, re
     own = {k: v[:loss_rows] for k, v in heldout_rows.items()}
     reference_rows = None if cfg.data.chat else {k: v[:q.reference_rows] for k, v in heldout_rows.items()}
     if reference_data is not None and reference_data != cfg.data:
-        from ar2diff.data.loader import heldout_rows as read_rows
-
         reference_rows = read_rows(reference_data, tokenizer, q.reference_rows)
     sets = {}
     if reference_rows is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ar2diff.objective import ar_targets
+from ar2diff.decode.ar import inference, model_device
 
 
 def bucket_edges(seq_len: int) -> list[int]:
@@ -27,8 +28,6 @@ def bucket_edges(seq_len: int) -> list[int]:
 def token_nll(model, rows: dict[str, torch.Tensor], micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(nll_N, position_N) of every valid next-token prediction of `model.causal_logits` (a `TidarLM`) over rows:
     the document-masked causal forward the held-out AR loss uses, one micro batch at a time, on CPU float32."""
-    from ar2diff.decode.ar import inference, model_device
-
     device = model_device(model)
     nll, pos = [], []
     with inference(model):

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from torch import nn
+import torch
+from ar2diff.export_format import check_weights
 
 # model_type -> needs a stream adapter (see module docstring)
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {
@@ -54,7 +56,6 @@ def make_config(config: dict):
 
 def build_model(config, attn_implementation: str = "sdpa", dtype=None, seed: int | None = None) -> nn.Module:
     """A freshly initialised causal LM from a config dict (with `model_type`) or a transformers config."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     hf_config = make_config(config) if isinstance(config, dict) else config
@@ -82,7 +83,6 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", dtype=None, 
         raise FileNotFoundError(
             f"{str(folder)!r} has no *.safetensors weights; ar2diff loads only safetensors (convert a .bin "
             "checkpoint with transformers: model.save_pretrained(dest, safe_serialization=True))")
-    from ar2diff.export_format import check_weights
 
     check_weights(folder)  # an incomplete export or a truncated safetensors file is named here
     model_type = json.loads(config_file.read_text()).get("model_type")

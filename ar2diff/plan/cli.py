@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 
 from ar2diff.config.schema import PhaseConfig
-from ar2diff.plan.memory import GiB, MemoryPlan, ModelShape, TrainShape, plan_memory
+from ar2diff.model.params import ModelShape
+from ar2diff.model.params import model_shape as shape_of
+from ar2diff.plan.memory import GiB, MemoryPlan, TrainShape, plan_memory
+from ar2diff.model.loading import make_config
+from ar2diff.config.compose import compose
 
 # Device memory in GiB as the runtime reports it (rocm-smi / nvidia-smi totals).
 HARDWARE_GIB = {"mi300x": 192, "mi325x": 256, "mi355x": 288, "h100": 80, "h200": 140, "b200": 180}
 PLAN_KEYS = ("world_size", "hardware", "headroom")
 DATA_PLACEHOLDER = "unused-by-the-plan"
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k")
 
 
 class PlanDoesNotFitError(RuntimeError):
@@ -33,8 +35,6 @@ def hf_config_of(cfg: PhaseConfig):
     """The transformers config the phase trains: `model.path`'s config.json, or `model.config`."""
     from transformers import AutoConfig
 
-    from ar2diff.model.loading import make_config
-
     if cfg.model.path:
         folder = Path(cfg.model.path)
         if not (folder / "config.json").is_file():
@@ -43,38 +43,12 @@ def hf_config_of(cfg: PhaseConfig):
     return make_config(dict(cfg.model.config, vocab_size=cfg.model.config.get("vocab_size", 32000)))
 
 
-def _first(config, keys, default):
-    for key in keys:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
 def model_shape(hf_config) -> ModelShape:
-    """Parameter counts from the model built on the meta device; widths from its config."""
+    """The shape of the model `hf_config` describes, built on the meta device (`ar2diff.model.params.model_shape`)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    total = expert = 0
-    for name, param in model.named_parameters():
-        total += param.numel()
-        expert += param.numel() if ".experts." in f".{name}" else 0
-    layers = model.get_decoder().layers
-    largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    if expert:
-        width = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
-        mlp = _first(hf_config, TOP_K_KEYS, 1) * width + (getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
-    else:
-        mlp = hf_config.intermediate_size
-    return ModelShape(total_params=total, expert_params=expert, largest_layer_params=largest,
-                      num_layers=len(layers), hidden_size=hf_config.hidden_size,
-                      attn_width=(heads + 2 * kv_heads) * head_dim, num_query_heads=heads, mlp_width=mlp,
-                      vocab_size=hf_config.vocab_size)
+        return shape_of(AutoModelForCausalLM.from_config(hf_config))
 
 
 def train_shape(cfg: PhaseConfig, world_size: int, hardware: str) -> TrainShape:
@@ -131,8 +105,6 @@ def split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def plan_for(overrides: list[str], world_size: int, hardware: str = "mi300x"):
     """(MemoryPlan, ModelShape, TrainShape) of the composed recipe on `world_size` ranks."""
-    from ar2diff.config.compose import compose
-
     if not any(o.startswith("data.sources") for o in overrides):
         overrides = [*overrides, f"data.sources.0.path={DATA_PLACEHOLDER}"]  # the plan reads no data
     cfg = compose(overrides)

@@ -29,27 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ar2diff.model.attention import DENSE_BYTES_PER_PAIR
+from ar2diff.model.params import ModelShape
 
 GiB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4, "bfloat16": 2, "float32": 4}
 BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size
 ZERO3_MAX_LIVE = 1e9  # DeepSpeed's default stage3_max_live_parameters
 FLEX_TILE = 128
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory plan needs of a model, counted on the meta device from its config."""
-
-    total_params: int
-    expert_params: int
-    largest_layer_params: int
-    num_layers: int
-    hidden_size: int
-    attn_width: int  # query + key + value projection widths
-    num_query_heads: int
-    mlp_width: int  # active MLP intermediate width per token (top-k experts' + shared)
-    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -120,7 +106,7 @@ def activation_bytes(m: ModelShape, t: TrainShape, checkpointing: bool,
     """Activations kept for backward (plus attention scores where materialised), per rank."""
     dtype = DTYPE_BYTES[t.precision]
     tokens = t.micro_batch * t.layout_len / t.sequence_parallel
-    per_layer = tokens * dtype * (coef.hidden * m.hidden_size + coef.attn * m.attn_width + coef.mlp * m.mlp_width)
+    per_layer = tokens * dtype * (coef.hidden * m.hidden_size + coef.attn * m.qkv_width + coef.mlp * m.mlp_width)
     scores = 0.0
     if t.scores_materialized:
         heads = m.num_query_heads / t.sequence_parallel

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ar2diff.trainer.callbacks import Callback, TrainState
 from ar2diff.trainer.faults import NonFiniteGuard, StopSignal
 from ar2diff.trainer.sequence_parallel import reduce_logged
-from ar2diff.trainer.standard_callbacks import _mean_over_ranks
+from ar2diff.trainer.standard_callbacks import mean_over_ranks
 
 
 class NonFiniteStop(Callback):
@@ -34,7 +34,7 @@ class NonFiniteStop(Callback):
             self.sums[k] = self.sums.get(k, 0.0) + float(v) / state.budget.grad_accum_steps
 
     def on_step_end(self, state: TrainState) -> None:
-        terms = _mean_over_ranks(reduce_logged(self.sums, state.objective.sequence_parallel, state.device),
+        terms = mean_over_ranks(reduce_logged(self.sums, state.objective.sequence_parallel, state.device),
                                  state.device)
         self.guard.check(state.step, terms, state.engine.get_global_grad_norm(), state.engine.was_step_applied(),
                          self.position)

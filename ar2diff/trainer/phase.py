@@ -26,7 +26,21 @@ from ar2diff.trainer.faults import Preempted
 from ar2diff.trainer.router_callback import RouterBalancing
 from ar2diff.trainer.mfu import DensityWindow
 from ar2diff.trainer.sequence_parallel import loss_scale
-from ar2diff.trainer.setup import build_phase_model, resolve_tokenizer
+from ar2diff.data.tokenizer import resolve_tokenizer
+from ar2diff.trainer.setup import build_phase_model
+import random
+import numpy as np
+from ar2diff.data.loader import build_dataloaders, prepare_data as prepare
+from ar2diff.data.prepare import check_inline
+from ar2diff.checkpoint.export_layout import save_run_assets
+from ar2diff.checkpoint.resume import load_checkpoint
+from ar2diff.model.params import count_params
+from ar2diff.plan.fits import check_plan_fits, device_capacity
+from ar2diff.checkpoint.resume import find_latest_complete
+from ar2diff.data.report import report_sources
+from ar2diff.trainer.engine import build_engine
+from ar2diff.trainer.resume_config import check_resume_config
+from ar2diff.trainer.engine import flops_per_token
 
 
 @dataclass
@@ -43,10 +57,6 @@ def phase_budget(cfg: PhaseConfig, world_size: int) -> Budget:
 
 
 def seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -54,8 +64,6 @@ def seed_all(seed: int) -> None:
 
 def prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: int, dp_size: int):
     """Rank 0 tokenizes and packs (cached on disk); the others wait, then read the cache."""
-    from ar2diff.data.loader import build_dataloaders, prepare_data as prepare
-    from ar2diff.data.prepare import check_inline
 
     check_inline(cfg.data, tokenizer)  # every rank: data too large to prepare here fails before any rank waits
     if rank == 0:
@@ -79,14 +87,6 @@ class PhaseTrainer:
 
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
-        from ar2diff.checkpoint.export_layout import save_run_assets
-        from ar2diff.checkpoint.resume import load_checkpoint
-        from ar2diff.model.params import count_params
-        from ar2diff.plan.fits import check_plan_fits, device_capacity
-        from ar2diff.checkpoint.resume import find_latest_complete
-        from ar2diff.data.report import report_sources
-        from ar2diff.trainer.engine import build_engine
-        from ar2diff.trainer.resume_config import check_resume_config
 
         cfg, ctx = self.cfg, init_distributed()
         cfg.validate(ctx.world_size)
@@ -136,8 +136,6 @@ class PhaseTrainer:
         return state
 
     def default_callbacks(self, state: TrainState) -> list[Callback]:
-        from ar2diff.trainer.engine import flops_per_token
-
         cfg = self.cfg
         layout_len = cfg.data.seq_len * (2 if cfg.objective.kind == "tidar" else 1)
         matmul_active = state.extra["params"].matmul_active

@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+from ar2diff.fs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,5 @@ def check_resume_config(run_dir: str | Path, config: dict, resuming: bool, allow
             log.warning("resuming %s with changed config (trainer.allow_config_change=true): %s", run_dir,
                         "; ".join(diffs))
     if write and (diffs or not path.is_file() or not resuming):
-        from ar2diff.fs import write_json_atomic
-
         write_json_atomic(path, config)
     return diffs

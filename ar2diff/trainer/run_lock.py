@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
+import torch.distributed as dist
 
 try:
     import fcntl
@@ -152,8 +153,6 @@ class _NoLock:
 def lock_run_dir(run_dir: str | os.PathLike, rank: int = 0):
     """Rank 0 takes the run folder's lock and every rank learns the outcome, so a refused job stops on all ranks
     (RunLocked everywhere). Returns an object with `release()` (a no-op on other ranks)."""
-    import torch.distributed as dist
-
     lock, error = (_NoLock(), None)
     if rank == 0:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.dtypes import torch_dtype
@@ -10,24 +9,6 @@ from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
 from ar2diff.model.loading import make_config
 from ar2diff.objective import DiffTarget, TidarObjective
 from ar2diff.model.rope import check_theta_raised, rope_thetas
-
-def resolve_tokenizer(cfg: PhaseConfig):
-    """data.tokenizer_path, else the tokenizer saved with model.path, else the cached stdlib BPE."""
-    from ar2diff.data.tokenizer import get_tokenizer, load_tokenizer
-
-    if cfg.model.path and not Path(cfg.model.path).is_dir():
-        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a folder; point it at a local transformers "
-                                "checkpoint (config.json + *.safetensors)")
-    if cfg.data.tokenizer_path:
-        return load_tokenizer(cfg.data.tokenizer_path)
-    if cfg.model.path and any((Path(cfg.model.path) / f).is_file()
-                              for f in ("tokenizer.json", "tokenizer_config.json")):
-        return load_tokenizer(cfg.model.path)
-    if cfg.model.path:
-        raise ValueError(f"model.path={cfg.model.path!r} has no tokenizer files; set data.tokenizer_path to the "
-                         "model's tokenizer folder")
-    return get_tokenizer(cfg.data)
-
 
 def apply_rope_overrides(config, rope: dict, max_positions: int | None) -> None:
     """Context extension: update RoPE parameters (every per-layer-type entry for nested layouts) and the limit."""

@@ -13,9 +13,14 @@ import torch.distributed as dist
 
 from ar2diff.trainer.callbacks import Callback, TrainState
 from ar2diff.trainer.sequence_parallel import reduce_logged
+from ar2diff.evaluation.heldout import heldout_losses, read_heldout
+from ar2diff.checkpoint.resume import save_checkpoint
+from ar2diff.checkpoint.export import export_checkpoint
+from ar2diff.evaluation.phase_end import phase_end_eval
+from tqdm.auto import tqdm
 
 
-def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
     keys = sorted(values)
@@ -54,7 +59,7 @@ class Metrics(Callback):
             return
         window = {k: v / self.n for k, v in self.sums.items()}
         # under sequence parallelism each rank's terms are shares of its rows: summed over the group first
-        metrics = _mean_over_ranks(reduce_logged(window, state.objective.sequence_parallel, state.device),
+        metrics = mean_over_ranks(reduce_logged(window, state.objective.sequence_parallel, state.device),
                                    state.device)
         dt = time.time() - self.t
         metrics.update(lr=state.engine.get_lr()[0], tokens_per_s=self.tokens / dt, tokens_seen=state.tokens_seen,
@@ -84,7 +89,6 @@ class HeldoutEval(Callback):
         every = state.cfg.trainer.eval_every
         if not every or state.step % every:
             return
-        from ar2diff.decode.evaluate import heldout_losses, read_heldout
 
         micro = state.cfg.deepspeed.micro_batch_size
         rows = read_heldout(state.data.heldout, state.cfg.trainer.heldout_batches * micro, 0, 1)
@@ -101,8 +105,6 @@ class Checkpointing(Callback):
     order = 10
 
     def save(self, state: TrainState) -> None:
-        from ar2diff.checkpoint.resume import save_checkpoint
-
         client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": state.data.train.state_dict(),
                         "history": state.logger.history,
                         **{key: obj.state_dict() for key, obj in state.checkpointed.items()}}
@@ -126,8 +128,6 @@ class Export(Callback):
     order = 20
 
     def on_phase_end(self, state: TrainState) -> None:
-        from ar2diff.checkpoint.export import export_checkpoint
-
         if state.stopped_early:
             state.logger.print(f"[{state.cfg.name}] stopped at step {state.step}: checkpoint saved, no export")
             return
@@ -163,7 +163,6 @@ class DecoderCheck(Callback):
     def on_phase_end(self, state: TrainState) -> None:
         if state.stopped_early:
             return
-        from ar2diff.decode.evaluate import phase_end_eval
 
         state.logger.print(f"[eval] phase-end decoder check on {state.export_dir} ...")
         state.extra["eval"] = phase_end_eval(cfg=state.cfg, export_dir=state.export_dir, run_dir=state.run_dir,
@@ -200,7 +199,6 @@ class ProgressBar(Callback):
     def on_phase_start(self, state: TrainState) -> None:
         if state.rank != 0 or not state.cfg.trainer.progress_bar:
             return
-        from tqdm.auto import tqdm
 
         self.bar = tqdm(total=state.budget.steps, initial=state.step, desc=f"{state.cfg.phase}", unit="step",
                         file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
