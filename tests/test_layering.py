@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoint", ("ar2diff.checkpoint",)),
     ("plan", ("ar2diff.plan",)),
     ("trainer", ("ar2diff.trainer", "ar2diff.logging")),
-    ("pipeline", ("ar2diff.preflight", "ar2diff.run_folder", "ar2diff.launch", "ar2diff.analysis")),
+    ("pipeline", ("ar2diff.pipeline", "ar2diff.preflight", "ar2diff.run_folder", "ar2diff.launch", "ar2diff.analysis")),
     ("command lines", ("ar2diff.train", "ar2diff.export", "ar2diff.evaluate", "ar2diff.cli_errors",
                        "ar2diff.decode.cli", "ar2diff.decode.cli_checks", "ar2diff.decode.__main__",
                        "ar2diff.plan.__main__", "ar2diff")),
@@ -43,6 +43,7 @@ DEFERRED_LIBRARIES = {"deepspeed", "matplotlib", "lm_eval", "wandb", "transforme
 # Internal imports inside a function, each deferring one of those libraries.
 DEFERRED_INTERNAL = {
     ("ar2diff.export", "ar2diff.checkpoint.export"): "DeepSpeed: `python -m ar2diff.export --help` without it",
+    ("ar2diff.train", "ar2diff.pipeline"): "DeepSpeed: `python -m ar2diff.train --help` without it",
     ("ar2diff.evaluate", "ar2diff.evaluation.lm_eval_model"): "lm-eval-harness, an optional extra",
 }
 
@@ -227,6 +228,7 @@ def test_the_clean_planted_tree_passes(tmp_path):
     ("ar2diff.decode.cli", ("deepspeed", "ar2diff.trainer", "ar2diff.data.loader")),
     ("ar2diff.checkpoint.reader", ("deepspeed", "ar2diff.trainer")),
     ("ar2diff.export", ("deepspeed", "ar2diff.trainer")),
+    ("ar2diff.train", ("deepspeed",)),
     ("ar2diff.model", ("deepspeed", "ar2diff.objective", "ar2diff.decode", "ar2diff.checkpoint")),
     ("ar2diff.config.schema", ("deepspeed", "torch", "transformers")),
     ("ar2diff.fs", ("torch",)),

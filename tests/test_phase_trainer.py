@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent("""
     import json, sys
     from ar2diff.config.compose import compose
-    from ar2diff.train import run_phase
+    from ar2diff.pipeline import run_phase
     from ar2diff.trainer.callbacks import Callback
 
     class StopAt(Callback):

@@ -1,4 +1,4 @@
-"""The quality half of the phase-end check: what `decode.evaluate.phase_end_eval` adds to eval.json.
+"""The quality half of the phase-end check: what `evaluation.phase_end.phase_end_eval` adds to eval.json.
 
 - `base_relative`: the phase's checkpoint, its starting checkpoint and the pipeline's original base on one fixed
   pretraining held-out set (the pipeline's first non-chat data; a lone phase's own data), and for a chat phase

@@ -159,33 +159,35 @@ def chunked_aligned_ce(hidden_NH: torch.Tensor, labels_N: torch.Tensor, head, ch
 
 
 # --- one assembly of the hybrid loss, shared by the unsharded and the sequence-parallel objective ----------------
-def token_ce(x_N: torch.Tensor, labels_N: torch.Tensor, head=None, chunk_size: int | None = None) -> torch.Tensor:
-    """Per-token cross-entropy (fp32): of `x_N` itself when `head` is None (x are logits), else of head(x)
-    (chunked under activation checkpointing with `chunk_size`)."""
+def ce_sum(x_N: torch.Tensor, labels_N: torch.Tensor, head=None, chunk_size: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy (fp32) of `x_N` itself when `head` is None (x are logits: one fused reduction), else of
+    head(x) per token (chunked under activation checkpointing with `chunk_size`)."""
     if head is None:
-        return F.cross_entropy(x_N.float(), labels_N, reduction="none")
+        return F.cross_entropy(x_N.float(), labels_N, reduction="sum")
     if chunk_size:
-        return chunked_token_ce(x_N, labels_N, head, chunk_size)
-    return F.cross_entropy(head(x_N).float(), labels_N, reduction="none")
+        return chunked_token_ce(x_N, labels_N, head, chunk_size).sum()
+    return F.cross_entropy(head(x_N).float(), labels_N, reduction="none").sum()
 
 
-def draft_ce(draft_N: torch.Tensor, labels_N: torch.Tensor, teacher: Callable[[], torch.Tensor],
-             has_teacher_N: torch.Tensor, target: DiffTarget, head=None,
-             chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token diffusion loss under `target`, per-token data CE): the one place the diffusion target is chosen.
+def draft_ce_sums(draft_N: torch.Tensor, labels_N: torch.Tensor, teacher: Callable[[], torch.Tensor],
+                  has_teacher_N: torch.Tensor, target: DiffTarget, head=None,
+                  chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed diffusion loss under `target`, summed data CE): the one place the diffusion target is chosen.
     `draft_N` are logits when `head` is None, else final hidden states; `teacher()` gives the AR teacher rows in the
     same form (logits or hidden at i-1), called only when the target needs them."""
     if target.ar_weight == 0.0:
-        ce = token_ce(draft_N, labels_N, head, chunk_size)
+        ce = ce_sum(draft_N, labels_N, head, chunk_size)
         return ce, ce.detach()
     teacher_N = teacher()
     if head is None:
-        return aligned_ce(draft_N, labels_N, teacher_N, has_teacher_N, target)
-    if chunk_size:
-        return chunked_aligned_ce(draft_N, labels_N, head, chunk_size, teacher_N, has_teacher_N, target)
-    with torch.no_grad():
-        teacher_NV = head(teacher_N)
-    return aligned_ce(head(draft_N), labels_N, teacher_NV, has_teacher_N, target)
+        per_tok, data_ce = aligned_ce(draft_N, labels_N, teacher_N, has_teacher_N, target)
+    elif chunk_size:
+        per_tok, data_ce = chunked_aligned_ce(draft_N, labels_N, head, chunk_size, teacher_N, has_teacher_N, target)
+    else:
+        with torch.no_grad():
+            teacher_NV = head(teacher_N)
+        per_tok, data_ce = aligned_ce(head(draft_N), labels_N, teacher_NV, has_teacher_N, target)
+    return per_tok.sum(), data_ce.sum()
 
 
 def combine(ar, diff, alpha, aux_loss, aux_coef, n_ar, n_diff, diff_data=None) -> LossTerms:
@@ -198,11 +200,12 @@ def combine(ar, diff, alpha, aux_loss, aux_coef, n_ar, n_diff, diff_data=None) -
                      diff_data=diff.detach() if diff_data is None else diff_data.detach())
 
 
-def share(ce_N: torch.Tensor, total: int, anchor: torch.Tensor) -> torch.Tensor:
-    """sum(ce_N) / total, the whole row's count (ce_N may be one rank's part); 0 with a graph when nothing counts."""
-    if total == 0 or ce_N.numel() == 0:
+def share(ce_sum_: torch.Tensor, count: int, total: int, anchor: torch.Tensor) -> torch.Tensor:
+    """ce_sum_ / total, the whole row's count (the sum may cover `count` of them: one rank's part); 0 with a graph
+    when nothing counts here."""
+    if total == 0 or count == 0:
         return anchor.sum() * 0.0
-    return ce_N.sum() / total
+    return ce_sum_ / total
 
 
 def hybrid_terms(clean_N: torch.Tensor, ar_labels_N: torch.Tensor, draft_N: torch.Tensor,
@@ -213,9 +216,11 @@ def hybrid_terms(clean_N: torch.Tensor, ar_labels_N: torch.Tensor, draft_N: torc
     """The hybrid loss from the counted positions of both streams (logits, or hidden states with `head`): means over
     the row's counts `n_ar`, `n_diff`. Under sequence parallelism a rank passes its own positions with the row's
     counts, so the ranks' terms sum to the row's; `counts` are the token counts it logs (default: n_ar, n_diff)."""
-    per_tok, data_ce = draft_ce(draft_N, diff_labels_N, teacher, has_teacher_N, diff_target, head, chunk_size)
-    ar = share(token_ce(clean_N, ar_labels_N, head, chunk_size), n_ar, anchors[0])
-    diff, diff_data = share(per_tok, n_diff, anchors[1]), share(data_ce, n_diff, anchors[1])
+    loss_sum, data_sum = draft_ce_sums(draft_N, diff_labels_N, teacher, has_teacher_N, diff_target, head,
+                                       chunk_size)
+    ar = share(ce_sum(clean_N, ar_labels_N, head, chunk_size), len(clean_N), n_ar, anchors[0])
+    diff = share(loss_sum, len(draft_N), n_diff, anchors[1])
+    diff_data = share(data_sum, len(draft_N), n_diff, anchors[1])
     return combine(ar, diff, alpha, aux_loss, aux_coef, *(counts or (n_ar, n_diff)), diff_data)
 
 

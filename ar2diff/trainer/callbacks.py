@@ -11,11 +11,11 @@ A callback subclasses `Callback` and overrides any of these hooks; each gets the
 - `on_step_end(state)`: after each optimizer step (`state.step` already counts it). `state.step_terms` holds the
   LossTerms of this step's micro batches. Set `state.should_save = True` to ask for a checkpoint at this step
   boundary and `state.should_stop = True` to end the phase after it (e.g. a preemption signal, a non-finite loss):
-  the checkpoint callback saves, and no export is written for a phase that stopped early.
-- `on_save(state, step)`: after a checkpoint of `step` was written (every rank).
-- `on_phase_end(state)`: after the last step, in callback order: the final checkpoint, the export, the summary, the
-  phase-end decoder check. `state.stopped_early` tells a phase that ended by `should_stop`.
-- `on_close(state)`: always last, also after an exception (close progress bars, finish W&B).
+  the trainer saves after the hook, and writes no export for a phase that stopped early.
+- `on_close(state)`: always last, also after an exception (close progress bars).
+
+The end of a phase is not a hook: `PhaseTrainer.finish` runs it as plain code (final checkpoint, export, engine
+released, decoder check, summary).
 
 The model side: `state.engine` (DeepSpeed engine around the `TidarObjective`), `state.objective`
 (`engine.module`), `state.model` (the `TidarLM` adapter), `state.lm` (the transformers model). The run side:
@@ -23,10 +23,12 @@ The model side: `state.engine` (DeepSpeed engine around the `TidarObjective`), `
 A router-bias update, for instance, is an `on_micro_step_end` (or `on_step_end`) that reads `state.lm`.
 
 Order: every hook runs the callbacks by their `order` (stable, lower first). A callback's default order is 0; the
-built-ins (trainer/standard_callbacks.py) sit around it: metrics (-20) and held-out eval (-10) first, then yours,
-then checkpoint (10), export (20), releasing the engine (30), the decoder check (40), the summary (50) and the
-progress bar (60). So a callback that sets `should_save`/`should_stop` in `on_step_end` is seen by the checkpoint
-callback in the same step, and one that needs the engine in `on_phase_end` runs before it is released.
+built-ins sit around it: metrics (-20), the non-finite guard (-15), held-out eval (-10), router balancing (-5) first,
+then yours, the preemption check (5) and the progress bar (60). A callback that sets `should_save`/`should_stop` in
+`on_step_end` is seen by the trainer's checkpoint of the same step.
+
+What a resume restores is one pair, `TrainState.state_dict()` / `load_state_dict()`: the counters, the data
+position, the log history and every object in `state.checkpointed` (the router's bias controller) under its key.
 """
 
 from __future__ import annotations
@@ -56,10 +58,25 @@ class TrainState:
     should_save: bool = False
     should_stop: bool = False
     stopped_early: bool = False
+    stopped_by: str | None = None  # the stop signal's name when a signal stopped the phase
+    last_saved_step: int | None = None
     export_dir: Path | None = None
     # objects whose state_dict() goes into every checkpoint's client state under their key (e.g. a controller)
     checkpointed: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # what one callback leaves for another (e.g. the eval result)
+
+    def state_dict(self) -> dict:
+        """Everything a resume restores besides the engine (DeepSpeed's own files): the checkpoint's client state."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.data.train.state_dict(),
+                "history": self.logger.history, **{key: obj.state_dict() for key, obj in self.checkpointed.items()}}
+
+    def load_state_dict(self, client: dict) -> None:
+        """Restore `state_dict()`'s content (an object missing from an older checkpoint gets None)."""
+        self.step, self.tokens_seen = int(client["step"]), int(client["tokens_seen"])
+        self.data.train.load_state_dict(client["data"])
+        self.logger.history = list(client.get("history", []))
+        for key, obj in self.checkpointed.items():
+            obj.load_state_dict(client.get(key))
+        self.last_saved_step = self.step
 
     @property
     def objective(self):
@@ -99,12 +116,6 @@ class Callback:
     def on_step_end(self, state: TrainState) -> None:
         pass
 
-    def on_save(self, state: TrainState, step: int) -> None:
-        pass
-
-    def on_phase_end(self, state: TrainState) -> None:
-        pass
-
     def on_close(self, state: TrainState) -> None:
         pass
 
@@ -131,14 +142,6 @@ class Callbacks(Callback):
     def on_step_end(self, state):
         for c in self.callbacks:
             c.on_step_end(state)
-
-    def on_save(self, state, step):
-        for c in self.callbacks:
-            c.on_save(state, step)
-
-    def on_phase_end(self, state):
-        for c in self.callbacks:
-            c.on_phase_end(state)
 
     def on_close(self, state):
         for c in self.callbacks:

@@ -42,18 +42,15 @@ class NonFiniteStop(Callback):
 
 
 class PreemptionStop(Callback):
-    order = 5  # before Checkpointing (10), which saves when `should_stop` is set
+    """Reads the trainer's `StopSignal` at every step boundary before the last; the trainer checkpoints and stops.
+    (After the last step the trainer itself reads the signal between the steps of the phase's end.)"""
 
-    def __init__(self):
-        self.signal = StopSignal()
+    order = 5
 
-    def on_phase_start(self, state: TrainState) -> None:
-        self.signal.install()
+    def __init__(self, signal: StopSignal):
+        self.signal = signal
 
     def on_step_end(self, state: TrainState) -> None:
         if state.step < state.budget.steps and self.signal.should_stop(state.device):
             state.should_stop = True
-            state.extra["preempted_by"] = self.signal.name
-
-    def on_close(self, state: TrainState) -> None:
-        self.signal.uninstall()
+            state.stopped_by = self.signal.name

@@ -1,10 +1,13 @@
-"""`PhaseTrainer`: one training phase. Setup (parts, budget, data, engine, resume), then the loop, then callbacks.
+"""`PhaseTrainer`: one training phase. Setup (parts, budget, data, engine, resume), the loop, then `finish`.
 
 Every optimizer step takes `grad_accum_steps` micro batches of this rank's rows, each a forward of the
-`TidarObjective` through the DeepSpeed engine. Everything else a phase does (metrics and MFU, held-out eval,
-checkpoints, export, the decoder check, summary.json, the progress bar) is a callback (trainer/callbacks.py for the
-hooks, trainer/standard_callbacks.py for the built-ins). The data position, tokens seen and RNG state are saved
-with every checkpoint, so a resumed run sees exactly the batches, masks and numbers it would have seen.
+`TidarObjective` through the DeepSpeed engine; a checkpoint follows every `trainer.ckpt_every` steps and every step
+a callback asks for. The end of a phase is plain code, `finish`: final checkpoint, export, engine released, decoder
+check, summary, with the stop signal read between those steps. What is pluggable (metrics and MFU, held-out eval,
+the non-finite guard, the preemption check, router balancing, the progress bar) is a callback (trainer/callbacks.py
+for the hooks, trainer/standard_callbacks.py for the built-ins). The data position, tokens seen, RNG state and the
+router's controller are saved with every checkpoint (`TrainState.state_dict`), so a resumed run sees exactly the
+batches, masks and numbers it would have seen.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ar2diff.trainer import standard_callbacks as std
 from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.fault_callbacks import NonFiniteStop, PreemptionStop
-from ar2diff.trainer.faults import Preempted
+from ar2diff.trainer.faults import Preempted, StopSignal
 from ar2diff.trainer.router_callback import RouterBalancing
 from ar2diff.trainer.mfu import DensityWindow
 from ar2diff.trainer.sequence_parallel import loss_scale
@@ -33,7 +36,10 @@ import numpy as np
 from ar2diff.data.loader import build_dataloaders, prepare_data as prepare
 from ar2diff.data.prepare import check_inline
 from ar2diff.checkpoint.export_layout import save_run_assets
-from ar2diff.checkpoint.resume import load_checkpoint
+from ar2diff.checkpoint.resume import load_checkpoint, save_checkpoint
+from ar2diff.checkpoint.export import export_checkpoint
+from ar2diff.evaluation.phase_end import phase_end_eval
+from ar2diff.model.router_balance import RouterBalancer
 from ar2diff.model.params import count_params
 from ar2diff.plan.fits import check_plan_fits, device_capacity
 from ar2diff.checkpoint.resume import find_latest_complete
@@ -84,6 +90,7 @@ class PhaseTrainer:
         self.cfg, self.run_dir, self.group = cfg, Path(run_dir), group
         self.extra_callbacks, self.decoder_check = list(callbacks), decoder_check
         self.reference_data = reference_data  # the pipeline's fixed pretraining held-out set (base-relative quality)
+        self.signal = StopSignal()  # SIGTERM/SIGUSR1/SIGINT: checkpoint, then stop (installed while `run` runs)
 
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
@@ -115,10 +122,10 @@ class PhaseTrainer:
                        cfg.data.max_repeats, logger.print, ctx.rank)
         engine_cfg = replace(cfg.deepspeed, grad_accum_steps=budget.grad_accum_steps)
         state.engine = build_engine(objective, engine_cfg, cfg.schedule, budget.steps)
-        state.extra["params"] = params
+        self.params = params
         # sequence parallelism: each rank's loss share, scaled so DeepSpeed's reduction gives the unsharded gradient
-        state.extra["loss_scale"] = loss_scale(engine_cfg.zero_stage, engine_cfg.reduce_scatter,
-                                               engine_cfg.sequence_parallel_size)
+        self.loss_scale = loss_scale(engine_cfg.zero_stage, engine_cfg.reduce_scatter,
+                                     engine_cfg.sequence_parallel_size)
 
         model = objective.model
         run_meta = {"mask_token_id": model.mask_token_id, "block_size": model.block_size, "phase": cfg.phase,
@@ -126,26 +133,23 @@ class PhaseTrainer:
         if ctx.rank == 0:
             save_run_assets(state.ckpt_root, model.config, tokenizer, run_meta)
         client = load_checkpoint(state.engine, state.ckpt_root)
-        state.extra["client"] = client  # callbacks restore their own state from it (on_phase_start)
+        # after the weights are loaded: the controller keeps its own fp32 copy of ZAYA's biases
+        state.checkpointed["router_balance"] = RouterBalancer(state.lm, cfg.router_balance)
         if client is not None:
-            state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
-            state.data.train.load_state_dict(client["data"])
-            logger.history = list(client.get("history", []))
-            state.extra["last_saved_step"] = state.step
+            state.load_state_dict(client)
             logger.print(f"[{cfg.name}] resumed from step {state.step} ({state.tokens_seen:,} tokens seen)")
         return state
 
     def default_callbacks(self, state: TrainState) -> list[Callback]:
         cfg = self.cfg
         layout_len = cfg.data.seq_len * (2 if cfg.objective.kind == "tidar" else 1)
-        matmul_active = state.extra["params"].matmul_active
+        matmul_active = self.params.matmul_active
         # attention FLOPs over the (query, key) pairs the kernel computes for the mask actually used (trainer/mfu.py)
         density = DensityWindow(cfg.objective.kind, cfg.objective.block_size, cfg.model.attn_implementation)
-        callbacks: list[Callback] = [std.Metrics(lambda attn_len: flops_per_token(state.lm.config, attn_len, matmul_active),
-                                 layout_len, density), std.HeldoutEval(), std.Checkpointing(), std.Export(),
-                     std.ReleaseEngine(), std.Summary(), std.ProgressBar()]
-        callbacks += [NonFiniteStop(cfg.trainer.max_nonfinite_skips), PreemptionStop(), RouterBalancing()]
-        return callbacks + ([std.DecoderCheck(self.reference_data)] if self.decoder_check else [])
+        metrics = std.Metrics(lambda attn_len: flops_per_token(state.lm.config, attn_len, matmul_active), layout_len,
+                              density)
+        return [metrics, std.HeldoutEval(), std.ProgressBar(), NonFiniteStop(cfg.trainer.max_nonfinite_skips),
+                PreemptionStop(self.signal), RouterBalancing(state.checkpointed["router_balance"])]
 
     def train_step(self, state: TrainState, callbacks: Callback) -> None:
         """One optimizer step: `grad_accum_steps` micro batches, forward + backward + engine step each."""
@@ -159,27 +163,86 @@ class PhaseTrainer:
             gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + state.step) * 65_537 + global_micro)
             out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"],
                          loss_mask=batch["loss_mask"], generator=gen)
-            engine.backward(out.loss * state.extra["loss_scale"])
+            engine.backward(out.loss * self.loss_scale)
             engine.step()
             state.step_terms.append(out.terms)
             callbacks.on_micro_step_end(state, out)
 
+    def save(self, state: TrainState) -> None:
+        """A checkpoint of this step (every rank): the engine's files plus `state.state_dict()`."""
+        save_checkpoint(state.engine, state.ckpt_root, state.step, state.state_dict(),
+                        keep_last=self.cfg.trainer.keep_last)
+        state.last_saved_step = state.step
+
     def run(self) -> PhaseResult:
-        state = self.setup()
-        callbacks = Callbacks([*self.default_callbacks(state), *self.extra_callbacks])
+        self.signal.install()
         try:
-            callbacks.on_phase_start(state)
-            state.engine.train()
-            while state.step < state.budget.steps and not state.should_stop:
-                self.train_step(state, callbacks)
-                state.step += 1
-                state.tokens_seen += state.budget.tokens_per_step
-                callbacks.on_step_end(state)
-            state.stopped_early = state.step < state.budget.steps
-            callbacks.on_phase_end(state)
+            state = self.setup()
+            callbacks = Callbacks([*self.default_callbacks(state), *self.extra_callbacks])
+            try:
+                callbacks.on_phase_start(state)
+                state.engine.train()
+                while state.step < state.budget.steps and not state.should_stop:
+                    self.train_step(state, callbacks)
+                    state.step += 1
+                    state.tokens_seen += state.budget.tokens_per_step
+                    callbacks.on_step_end(state)
+                    periodic = state.step % self.cfg.trainer.ckpt_every == 0 and state.step < state.budget.steps
+                    if periodic or state.should_save or state.should_stop:
+                        self.save(state)
+                        state.should_save = False
+                state.stopped_early = state.step < state.budget.steps
+                self.finish(state)
+            finally:
+                callbacks.on_close(state)
+                state.logger.close()  # W&B finished (as failed) when the phase stopped on an error
         finally:
-            callbacks.on_close(state)
-        if "preempted_by" in state.extra:  # checkpoint written: the caller exits 0 and a requeue resumes
-            raise Preempted(state.step, state.extra["preempted_by"])
+            self.signal.uninstall()
+        if state.stopped_by is not None:  # checkpoint written: the caller exits 0 and a requeue resumes
+            raise Preempted(state.step, state.stopped_by)
         export_dir = None if state.stopped_early else state.export_dir
         return PhaseResult(run_dir=self.run_dir, export_dir=export_dir, summary=state.logger.summary)
+
+    def stop_requested(self, state: TrainState, device) -> bool:
+        """Whether a stop signal reached any rank (collective: every rank calls it at the same point)."""
+        if state.stopped_by is None and self.signal.should_stop(device):
+            state.stopped_by = self.signal.name
+        return state.stopped_by is not None
+
+    def finish(self, state: TrainState) -> None:
+        """The end of a phase, in order. A stop signal read between the steps skips what is left but the summary,
+        which records the phase as "stopped" (a re-run resumes and does the rest)."""
+        cfg, device = self.cfg, state.device
+        if state.last_saved_step != state.step:  # 1. the final checkpoint
+            self.save(state)
+        if state.stopped_early:
+            state.logger.print(f"[{cfg.name}] stopped at step {state.step}: checkpoint saved, no export")
+        elif not self.stop_requested(state, device):  # 2. the export (rank 0; the others wait)
+            if state.rank == 0:
+                export_checkpoint(state.ckpt_root, state.export_dir,
+                                  extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step})
+            if dist.is_initialized():
+                dist.barrier()
+        state.engine.destroy()  # 3. free the training state: the checks load the export on their own
+        if self.decoder_check and not state.stopped_early and not self.stop_requested(state, device):
+            state.logger.print(f"[eval] phase-end decoder check on {state.export_dir} ...")  # 4. (rank 0)
+            phase_end_eval(cfg=cfg, export_dir=state.export_dir, run_dir=state.run_dir, logger=state.logger,
+                           step=state.step, data=state.data, tokenizer=state.tokenizer, rank=state.rank,
+                           reference_data=self.reference_data)
+        self.write_summary(state)  # 5.
+
+    def write_summary(self, state: TrainState) -> None:
+        """summary.json in the run folder (and in the export), W&B finished; every rank leaves the phase together."""
+        status = "stopped" if state.stopped_early or state.stopped_by else "complete"
+        state.logger.update_summary({
+            "phase": self.cfg.phase, "recipe": self.cfg.name, "status": status, "steps": state.step,
+            "tokens_seen": state.tokens_seen, "budget": asdict(state.budget),
+            "data_stats": state.data.train.data.total_stats.to_dict(),
+            "export_dir": str(state.export_dir) if status == "complete" else None,
+            "final": state.logger.history[-1] if state.logger.history else {}})
+        state.logger.write_summary(state.run_dir / "summary.json")
+        if state.rank == 0 and status == "complete":
+            state.logger.write_summary(state.export_dir / "summary.json")
+        state.logger.finish()
+        if dist.is_initialized():
+            dist.barrier()  # every rank leaves the phase together, after rank 0's checks

@@ -1,6 +1,7 @@
 """Router load balancing as a `PhaseTrainer` callback: ZAYA's bias controller (ar2diff/model/router_balance.py) runs
 after every optimizer step, and the router load metrics of every MoE architecture are logged. Its controller state
-travels with the checkpoint (`state.checkpointed`), so a resumed run updates the biases exactly as before."""
+travels with the checkpoint (`state.checkpointed`, restored by `TrainState.load_state_dict`), so a resumed run
+updates the biases exactly as before."""
 
 from __future__ import annotations
 
@@ -12,12 +13,8 @@ from ar2diff.trainer.schedule import lr_at, warmup_steps
 class RouterBalancing(Callback):
     order = -5  # after the step's metrics, before its checkpoint
 
-    def on_phase_start(self, state: TrainState) -> None:
-        self.balancer = RouterBalancer(state.lm, state.cfg.router_balance)  # keeps ZAYA's biases in fp32
-        state.checkpointed["router_balance"] = self.balancer
-        client = state.extra.get("client")
-        if client is not None:
-            self.balancer.load_state_dict(client.get("router_balance"))
+    def __init__(self, balancer: RouterBalancer):
+        self.balancer = balancer  # in `state.checkpointed`: saved and restored with the rest of the phase's state
 
     def on_step_end(self, state: TrainState) -> None:
         self.balancer.after_step(state.step, state.logger, state.cfg.trainer.log_every, state.device,

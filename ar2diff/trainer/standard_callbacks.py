@@ -1,12 +1,11 @@
-"""The built-in callbacks of every phase: metrics and MFU, held-out eval, checkpoints, export, the decoder check,
-summary.json, the progress bar. Each owns one concern; `PhaseTrainer` installs them (see trainer/callbacks.py for
-the hooks and their order)."""
+"""The built-in callbacks of every phase: metrics and MFU, held-out eval, the progress bar. Each owns one concern;
+`PhaseTrainer` installs them (see trainer/callbacks.py for the hooks and their order). Checkpoints and the end of
+a phase (export, decoder check, summary) are the trainer's own code (trainer/phase.py)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -14,9 +13,6 @@ import torch.distributed as dist
 from ar2diff.trainer.callbacks import Callback, TrainState
 from ar2diff.trainer.sequence_parallel import reduce_logged
 from ar2diff.evaluation.heldout import heldout_losses, read_heldout
-from ar2diff.checkpoint.resume import save_checkpoint
-from ar2diff.checkpoint.export import export_checkpoint
-from ar2diff.evaluation.phase_end import phase_end_eval
 from tqdm.auto import tqdm
 
 
@@ -70,7 +66,6 @@ class Metrics(Callback):
             flops_tok = self.flops_per_token(self.layout_len * metrics["attn_compute_density"])
             metrics["mfu"] = layout_tokens_per_s * flops_tok / (cfg.trainer.peak_flops * state.world_size)
         state.logger.log(state.step, metrics)
-        state.extra["last_metrics"] = metrics
         self._reset()
 
 
@@ -96,96 +91,6 @@ class HeldoutEval(Callback):
         result = heldout_losses(state.objective, rows, micro, seed=state.cfg.decoder.seed)
         state.logger.log(state.step, {k: result[k] for k in ("loss", "loss_ar", "loss_diff", "loss_aux")},
                          prefix="heldout")
-
-
-class Checkpointing(Callback):
-    """A checkpoint every `trainer.ckpt_every` steps, when a callback asks (`should_save`/`should_stop`), and at the
-    end. Data position, tokens seen and the log history travel in the client state, so resume is exact."""
-
-    order = 10
-
-    def save(self, state: TrainState) -> None:
-        client_state = {"step": state.step, "tokens_seen": state.tokens_seen, "data": state.data.train.state_dict(),
-                        "history": state.logger.history,
-                        **{key: obj.state_dict() for key, obj in state.checkpointed.items()}}
-        save_checkpoint(state.engine, state.ckpt_root, state.step, client_state, keep_last=state.cfg.trainer.keep_last)
-        state.extra["last_saved_step"] = state.step
-
-    def on_step_end(self, state: TrainState) -> None:
-        periodic = state.step % state.cfg.trainer.ckpt_every == 0 and state.step < state.budget.steps
-        if periodic or state.should_save or state.should_stop:
-            self.save(state)
-            state.should_save = False
-
-    def on_phase_end(self, state: TrainState) -> None:
-        if state.extra.get("last_saved_step") != state.step:
-            self.save(state)
-
-
-class Export(Callback):
-    """Rank 0 writes the transformers export of the final checkpoint (not for a phase that stopped early)."""
-
-    order = 20
-
-    def on_phase_end(self, state: TrainState) -> None:
-        if state.stopped_early:
-            state.logger.print(f"[{state.cfg.name}] stopped at step {state.step}: checkpoint saved, no export")
-            return
-        if state.rank == 0:
-            export_checkpoint(state.ckpt_root, state.export_dir,
-                              extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step})
-        if dist.is_initialized():
-            dist.barrier()
-        state.logger.update_summary({
-            "phase": state.cfg.phase, "recipe": state.cfg.name, "steps": state.step, "tokens_seen": state.tokens_seen,
-            "budget": asdict(state.budget), "data_stats": state.data.train.data.total_stats.to_dict(),
-            "export_dir": str(state.export_dir), "final": state.logger.history[-1] if state.logger.history else {}})
-
-
-class ReleaseEngine(Callback):
-    """Free the training state (engine, optimizer, ZeRO buffers): the phase-end checks load the export on their own."""
-
-    order = 30
-
-    def on_phase_end(self, state: TrainState) -> None:
-        state.engine.destroy()
-        state.extra["engine_released"] = True
-
-
-class DecoderCheck(Callback):
-    """The phase-end decoder check (decode/evaluate.py's `phase_end_eval`) on the export, rank 0 only."""
-
-    order = 40
-
-    def __init__(self, reference_data=None):
-        self.reference_data = reference_data  # DataConfig of the pipeline's fixed pretraining held-out set, or None
-
-    def on_phase_end(self, state: TrainState) -> None:
-        if state.stopped_early:
-            return
-
-        state.logger.print(f"[eval] phase-end decoder check on {state.export_dir} ...")
-        state.extra["eval"] = phase_end_eval(cfg=state.cfg, export_dir=state.export_dir, run_dir=state.run_dir,
-                                             logger=state.logger, step=state.step, data=state.data,
-                                             tokenizer=state.tokenizer, rank=state.rank,
-                                             reference_data=self.reference_data)
-
-
-class Summary(Callback):
-    """summary.json in the run folder (and in the export), W&B finished; every rank leaves the phase together."""
-
-    order = 50
-
-    def on_phase_end(self, state: TrainState) -> None:
-        state.logger.write_summary(state.run_dir / "summary.json")
-        if state.rank == 0 and not state.stopped_early:
-            state.logger.write_summary(state.export_dir / "summary.json")
-        state.logger.finish()
-        if dist.is_initialized():
-            dist.barrier()  # every rank leaves the phase together, after rank 0's checks
-
-    def on_close(self, state: TrainState) -> None:
-        state.logger.close()  # W&B finished (as failed) when the phase stopped on an error
 
 
 class ProgressBar(Callback):
