@@ -82,3 +82,24 @@ def test_eval_every_logs_heldout_losses_without_moving_the_training_numbers(tmp_
              for h in evald if "train/loss" in h]
     assert train == [{k: v for k, v in h.items() if k not in ("train/tokens_per_s", "train/step_seconds")}
                      for h in plain if "train/loss" in h]
+
+
+LEGACY = Path(__file__).parent / "data"
+
+
+def test_a_checkpoint_written_before_the_package_layers_resumes_to_the_same_numbers(tmp_path):
+    """tests/data/legacy_run is a run stopped after step 3 by the code before the trainer's end-of-phase and
+    state_dict rewrite (router balancing on, so its controller's state is in the checkpoint);
+    tests/data/legacy_curve.json is the same run uninterrupted, by that code. The current code resumes it and logs
+    steps 4-8 bit for bit, and its own summary keeps the old run's first three steps."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(LEGACY / "legacy_run", run_dir)
+    overrides = [o for o in OVERRIDES if o != "router_balance.enabled=false"]
+    resumed = launch(run_dir, 0, tmp_path / "cache", overrides)
+    assert resumed["ends"] == list(range(4, 9)) and resumed["export_dir"] == str(run_dir / "export")
+    want = json.loads((LEGACY / "legacy_curve.json").read_text())["curve"]
+    history = json.loads((run_dir / "summary.json").read_text())["history"]
+    got = [{k: h[k] for k in want[0]} for h in history if "train/loss" in h]
+    assert got == want
