@@ -13,10 +13,11 @@ import os
 import sys
 import time
 
+from omegaconf.errors import OmegaConfBaseException
+
 from ar2diff.fs import DiskFull, disk_full_while_writing, is_disk_full
 from ar2diff.trainer.faults import NonFiniteError
 from ar2diff.trainer.run_lock import RunLocked
-from omegaconf.errors import OmegaConfBaseException
 
 RANK0_GRACE_S = 20.0
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,

@@ -22,18 +22,19 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from omegaconf import OmegaConf
-from ar2diff.config.compose import compose, to_phase_config
-from ar2diff.trainer.resume_config import CONFIG_NAME
+
 import torch
-from ar2diff.fs import write_json_atomic
-from ar2diff.evaluation.phase_end import default_device
+from omegaconf import OmegaConf
+
 from ar2diff.checkpoint.export_layout import read_metadata
+from ar2diff.cli_errors import USER_ERRORS, report
+from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.data.loader import load_packed
 from ar2diff.data.tokenizer import load_tokenizer
-from ar2diff.evaluation.phase_end import phase_end_eval
+from ar2diff.evaluation.phase_end import default_device, phase_end_eval
+from ar2diff.fs import write_json_atomic
 from ar2diff.logging import RunLogger
-from ar2diff.cli_errors import USER_ERRORS, report
+from ar2diff.trainer.resume_config import CONFIG_NAME
 
 PROG = "python -m ar2diff.evaluate"
 

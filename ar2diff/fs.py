@@ -2,6 +2,8 @@
 
 - Atomic writes: readers (a resuming run, a notebook, a second rank) see the old file or the new one, never a
   half-written one. Write to a hidden temporary next to the target, optionally fsync, then `os.replace`.
+- `atomic_folder`: the same for a folder (an export, run assets, a fetched base); `make_world_readable` gives a
+  finished folder the permissions of the rest of the run instead of the 0600 of temporary files.
 - `DiskFull` / `disk_full_error`: a save that fails with ENOSPC (or the C++ stream error torch.save raises when the
   disk fills) becomes one line naming the folder and the space left, after the partial save is removed.
 """
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
@@ -43,6 +46,42 @@ def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = False) -
 def write_json_atomic(path: str | os.PathLike, data: Any, fsync: bool = False, sort_keys: bool = False) -> None:
     """JSON (indented; values JSON cannot hold are written as str) to `path`, atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, default=str, sort_keys=sort_keys), fsync)
+
+@contextmanager
+def atomic_folder(dest: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `dest` to fill; on success it replaces `dest`, on failure it is removed.
+    An existing `dest` is moved aside first and deleted after (its `marker` file first, so an interrupted deletion
+    never leaves a folder that looks complete): at no moment does an incomplete folder sit at `dest`."""
+    dest = Path(dest)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            if marker is not None:
+                (old / marker).unlink(missing_ok=True)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def make_world_readable(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the permissions new files get under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
 
 # ------------------------------------------------------------------------------------------ disk full
 

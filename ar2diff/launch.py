@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ar2diff.config.budget import plan_budget
-from ar2diff.config.schema import PhaseConfig
-from ar2diff.plan.cli import DATA_PLACEHOLDER
 from ar2diff.config.compose import compose
-from ar2diff.plan.cli import device_bytes, plan_for
+from ar2diff.config.schema import PhaseConfig
+from ar2diff.plan.cli import DATA_PLACEHOLDER, device_bytes, plan_for
 
 
 class LayoutError(ValueError):

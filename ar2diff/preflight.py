@@ -14,13 +14,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ar2diff.checkpoint.export_layout import is_complete_export
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.data import stats as S
-from ar2diff.data.sources import validate_record
 from ar2diff.data.cache import digest
-from ar2diff.data.sources import file_format, in_heldout, resolve_files
-from ar2diff.data.sources import stdlib_files
-from ar2diff.checkpoint.export_layout import is_complete_export
+from ar2diff.data.sources import file_format, in_heldout, resolve_files, stdlib_files, validate_record
 
 SAMPLE_RECORDS = 200
 EXACT_LIMIT_BYTES = 64 << 20

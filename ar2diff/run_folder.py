@@ -14,8 +14,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from ar2diff.fs import write_text_atomic
 from omegaconf import OmegaConf
+
+from ar2diff.fs import write_text_atomic
 
 CONFIG_NAME, OVERRIDES_NAME = "config.yaml", "overrides.yaml"
 

@@ -109,10 +109,9 @@ def test_pipeline_overrides_reach_the_shared_phases_only(monkeypatch, tmp_path):
     building from scratch, every TiDAR phase gets them before its own overrides."""
     from types import SimpleNamespace
 
-    import ar2diff.train as T
-    from ar2diff.trainer import distributed
+    import ar2diff.pipeline as T
 
-    monkeypatch.setattr(distributed, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1))
+    monkeypatch.setattr(T, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1))
     plan = T.plan_pipeline(compose(["recipe=quickstart"]), [], tmp_path)
     (pre, _, pre_overrides), *tidar = plan
     assert pre.model.config is not None and not any(o.startswith("model=hf") for o in pre_overrides)

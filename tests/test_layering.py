@@ -33,13 +33,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("plan", ("ar2diff.plan",)),
     ("trainer", ("ar2diff.trainer", "ar2diff.logging")),
     ("pipeline", ("ar2diff.pipeline", "ar2diff.preflight", "ar2diff.run_folder", "ar2diff.launch", "ar2diff.analysis")),
-    ("command lines", ("ar2diff.train", "ar2diff.export", "ar2diff.evaluate", "ar2diff.cli_errors",
+    ("command lines", ("ar2diff.train", "ar2diff.export", "ar2diff.evaluate", "ar2diff.fetch", "ar2diff.cli_errors",
                        "ar2diff.decode.cli", "ar2diff.decode.cli_checks", "ar2diff.decode.__main__",
                        "ar2diff.plan.__main__", "ar2diff")),
 ]
 
 # Libraries an import inside a function may defer (heavy, and not needed by every entry point).
-DEFERRED_LIBRARIES = {"deepspeed", "matplotlib", "lm_eval", "wandb", "transformers", "hydra"}
+DEFERRED_LIBRARIES = {"deepspeed", "matplotlib", "lm_eval", "wandb", "transformers", "hydra", "gguf"}
 # Internal imports inside a function, each deferring one of those libraries.
 DEFERRED_INTERNAL = {
     ("ar2diff.export", "ar2diff.checkpoint.export"): "DeepSpeed: `python -m ar2diff.export --help` without it",

@@ -103,3 +103,42 @@ def test_a_checkpoint_written_before_the_package_layers_resumes_to_the_same_numb
     history = json.loads((run_dir / "summary.json").read_text())["history"]
     got = [{k: h[k] for k in want[0]} for h in history if "train/loss" in h]
     assert got == want
+
+
+SIGNAL_AT_END = textwrap.dedent("""
+    import json, os, signal, sys
+    from ar2diff.config.compose import compose
+    from ar2diff.pipeline import run_phase
+    from ar2diff.trainer.callbacks import Callback
+    from ar2diff.trainer.faults import Preempted
+
+    class SignalAtLastStep(Callback):
+        def on_step_end(self, state):
+            if state.step == state.budget.steps:
+                os.kill(os.getpid(), signal.SIGTERM)  # after the last step: only `finish` can still see it
+
+    run_dir, overrides = sys.argv[1], sys.argv[2:]
+    try:
+        run_phase(compose(overrides), run_dir, callbacks=[SignalAtLastStep()])
+        print("RESULT done")
+    except Preempted as stopped:
+        print("RESULT stopped", stopped)
+""")
+
+
+def test_a_stop_signal_after_the_last_step_stops_the_end_of_the_phase_and_the_rerun_finishes_it(tmp_path):
+    """`PhaseTrainer.finish` reads the stop signal between its steps: a SIGTERM after the last step skips the export
+    (the phase is stopped, not done, and says so in summary.json); the re-run trains nothing and exports."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
+    cmd = [sys.executable, "-c", SIGNAL_AT_END, str(run_dir), *OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "RESULT stopped" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["steps"] == 8 and not (run_dir / "export").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000008"]
+
+    second = launch(run_dir, 0, tmp_path / "cache")
+    assert second["ends"] == [] and second["export_dir"] == str(run_dir / "export")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and (run_dir / "export" / "model.safetensors").is_file()

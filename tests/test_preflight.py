@@ -81,15 +81,14 @@ def test_pipeline_rerun_goes_straight_to_the_first_unfinished_phase(tmp_path, mo
     import importlib.util
     from types import SimpleNamespace
 
-    import ar2diff.train as T
+    import ar2diff.pipeline as T
     from ar2diff.checkpoint.export_layout import export_model
-    from ar2diff.trainer import distributed
     from ar2diff.trainer.phase import PhaseResult
 
     spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
     W = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(W)
-    monkeypatch.setattr(distributed, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1))
+    monkeypatch.setattr(T, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1))
     small = ["data.sources.0.path=json/*", "data.heldout_fraction=0.4", "data.seq_len=64"]
     cfg = compose(["recipe=quickstart", *small])
     plan = T.plan_pipeline(cfg, small, tmp_path)

@@ -16,14 +16,19 @@ from pathlib import Path
 
 import torch
 
-from ar2diff.checkpoint.export_layout import (AR_PHASE, BLOCK_SIZE_CONFIG_KEY, RUN_ASSETS_DIRNAME, RUN_METADATA_NAME,
-                                              RunAssets, export_model, load_run_assets)
-from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
-from ar2diff.dtypes import TORCH_DTYPES
 from ar2diff.checkpoint.autoep import consolidate_autoep_checkpoint
+from ar2diff.checkpoint.export_layout import (
+    AR_PHASE,
+    BLOCK_SIZE_CONFIG_KEY,
+    RUN_ASSETS_DIRNAME,
+    RUN_METADATA_NAME,
+    RunAssets,
+    export_model,
+    load_run_assets,
+)
+from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
 from ar2diff.checkpoint.safe_export import check_destination
-
-
+from ar2diff.dtypes import TORCH_DTYPES
 
 
 def consolidated_state_dict(ref: CheckpointRef, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:

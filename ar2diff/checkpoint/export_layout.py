@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,10 +23,22 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ar2diff.checkpoint.safe_export import check_destination, check_finite, make_world_readable
+from ar2diff.checkpoint.safe_export import check_destination, check_finite
 from ar2diff.export_format import (  # noqa: F401 (the format's names, re-exported for writers)
-    AR_PHASE, BLOCK_SIZE_CONFIG_KEY, EXPORT_MARKER_NAME, METADATA_NAME, RUN_ASSETS_DIRNAME, RUN_METADATA_NAME,
-    ExportMetadata, ar2diff_version, check_export, is_complete_export, read_metadata, write_marker)
+    AR_PHASE,
+    BLOCK_SIZE_CONFIG_KEY,
+    EXPORT_MARKER_NAME,
+    METADATA_NAME,
+    RUN_ASSETS_DIRNAME,
+    RUN_METADATA_NAME,
+    ExportMetadata,
+    ar2diff_version,
+    check_export,
+    is_complete_export,
+    read_metadata,
+    write_marker,
+)
+from ar2diff.fs import atomic_folder, make_world_readable
 
 # ---------------------------------------------------------------------------------------- export
 
@@ -55,19 +66,12 @@ def export_model(model: nn.Module, tokenizer, dest: str | os.PathLike, metadata:
         skeleton.generation_config = copy.deepcopy(model.generation_config)
     tokenizer = _with_mask_token(tokenizer, meta.mask_token_id, skeleton.config)
 
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_folder(dest, marker=EXPORT_MARKER_NAME) as tmp:  # only a complete export ever sits at dest
         skeleton.save_pretrained(tmp, state_dict=skeleton.state_dict(), max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_NAME).write_text(json.dumps(meta.to_json_dict(), indent=2, sort_keys=True))
         write_marker(tmp)
         make_world_readable(tmp)
-        _replace_dir(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dest
 
 
@@ -147,19 +151,6 @@ def _with_mask_token(tokenizer, mask_token_id: int | None, config) -> Any:
     return tokenizer
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename ``src`` onto ``dest``; an existing ``dest`` is moved aside first and then deleted (its
-    marker first), so at no moment does an incomplete folder sit at ``dest``."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-    os.replace(dest, old)
-    os.replace(src, dest)
-    (old / EXPORT_MARKER_NAME).unlink(missing_ok=True)
-    shutil.rmtree(old)
-
-
 # ------------------------------------------------------------------------------------ run assets
 
 
@@ -174,21 +165,13 @@ def save_run_assets(ckpt_root: str | os.PathLike, model_config, tokenizer, metad
     """
     meta = ExportMetadata.from_mapping(metadata)
     dest = Path(ckpt_root) / RUN_ASSETS_DIRNAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_folder(dest) as tmp:
         model_config.save_pretrained(tmp)
         _with_mask_token(tokenizer, meta.mask_token_id, model_config).save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         run_meta = {k: v for k, v in meta.to_json_dict().items() if v is not None}
         (tmp / RUN_METADATA_NAME).write_text(json.dumps(run_meta, indent=2, sort_keys=True))
-        _replace_dir(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dest
 
 

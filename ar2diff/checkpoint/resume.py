@@ -31,13 +31,27 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from ar2diff.fs import write_json_atomic, write_text_atomic
-from ar2diff.checkpoint.manifest import (  # noqa: F401 (re-exported)
-    LATEST_NAME, MARKER_NAME, PARTIAL_SUFFIX, REPLACED_SUFFIX, RNG_FILE, TAG_RE, CheckpointRef, Verify, check_manifest,
-    find_latest_complete, list_files, resolve_checkpoint, sha256_file, step_dirs, step_tag)
 from ar2diff.checkpoint.coordination import all_gather_object, barrier, run_on_rank0
 from ar2diff.checkpoint.integrity import pick_verified_checkpoint
+from ar2diff.checkpoint.manifest import (  # noqa: F401 (re-exported)
+    LATEST_NAME,
+    MARKER_NAME,
+    PARTIAL_SUFFIX,
+    REPLACED_SUFFIX,
+    RNG_FILE,
+    TAG_RE,
+    CheckpointRef,
+    Verify,
+    check_manifest,
+    find_latest_complete,
+    list_files,
+    resolve_checkpoint,
+    sha256_file,
+    step_dirs,
+    step_tag,
+)
 from ar2diff.checkpoint.save_failure import agreed_save_error, describe_failure
+from ar2diff.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,9 @@
-"""Guards around writing an export: where it may go, what it may contain, who may read it.
+"""Guards around writing an export: where it may go and what it may contain.
 
 - `check_destination`: an export may replace (``--overwrite``) only a folder that is itself a complete ar2diff
   export. A file, a run folder, a checkpoint folder, or any folder holding one of them is refused, so no command
   deletes a run. Nothing is deleted by the check itself.
 - `check_finite`: a model with inf/NaN weights (a diverged run) is never exported.
-- `make_world_readable`: export files get the permissions the rest of the run has (0644/0755 under the usual umask)
-  instead of the 0600 of temporary files, so other users of a shared filesystem can load them.
 """
 
 from __future__ import annotations
@@ -71,13 +69,3 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "the mode
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise ValueError(f"refusing to export {source}: non-finite (inf/NaN) weights in {shown}; the run diverged. "
                          "Export an earlier checkpoint (python -m ar2diff.export --tag step_...)")
-
-
-def make_world_readable(folder: str | os.PathLike) -> None:
-    """Give `folder` and everything in it the permissions new files get under this process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder = Path(folder)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

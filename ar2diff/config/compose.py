@@ -5,9 +5,8 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
-from ar2diff.config.schema import PhaseConfig
 from ar2diff.config.paths import CONF_DIR, search_path_override
-
+from ar2diff.config.schema import PhaseConfig
 
 
 def to_phase_config(cfg: DictConfig) -> PhaseConfig:

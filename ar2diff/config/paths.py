@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
+from hydra._internal.sources_registry import SourcesRegistry
 from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigResult
 
-from hydra._internal.core_plugins.file_config_source import FileConfigSource
-from hydra._internal.sources_registry import SourcesRegistry
 from ar2diff.config.schema import PhaseConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]

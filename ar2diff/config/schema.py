@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ar2diff.config.data import DataConfig
 from ar2diff.config.engine import EngineConfig
 from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.router import RouterBalanceConfig
 from ar2diff.config.schedule import ScheduleConfig
 from ar2diff.config.sequence_parallel import check_sequence_parallel
-from ar2diff.config.data import DataConfig
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")
 OBJECTIVES = ("tidar", "ar")

@@ -16,12 +16,12 @@ run can resume with another world size as long as the global batch is unchanged.
 """
 from dataclasses import dataclass
 
-import datasets
 import numpy as np
 import torch
 
-from .compact import TokenRows
 from ar2diff.config.data import DataConfig
+
+from .compact import TokenRows
 from .prepare import SPLITS, check_inline, load_source
 from .stats import DataStats
 

@@ -22,17 +22,16 @@ from pathlib import Path
 
 import datasets
 
+from ar2diff.config.compose import compose
+from ar2diff.config.data import TOKEN_KINDS, DataConfig, SourceConfig
+from ar2diff.data.tokenfile import build_index, index_folder, load_index, source_files
+from ar2diff.data.tokenizer import resolve_tokenizer
+
 from . import packing
 from . import stats as S
 from .cache import build_once, cache_root, digest, tokenizer_fingerprint
 from .compact import Segment, load_split, token_dtype, write_split
-from ar2diff.config.data import TOKEN_KINDS, DataConfig, SourceConfig
 from .sources import read_records, resolve_files, select_split, source_fingerprint, stdlib_files, stdlib_root
-from ar2diff.data.tokenfile import source_files
-from ar2diff.data.tokenfile import index_folder
-from ar2diff.data.tokenfile import build_index, load_index
-from ar2diff.config.compose import compose
-from ar2diff.data.tokenizer import resolve_tokenizer
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = 2  # bump when tokenization or the stored format changes, to invalidate prepared data

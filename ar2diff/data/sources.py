@@ -18,10 +18,11 @@ from typing import Any
 
 import datasets
 
-from . import stats as S
-from .cache import cache_root, digest, unit_hash
 from ar2diff.config.data import DataConfig, SourceConfig
 from ar2diff.data.stdlib_chat import chat_records
+
+from . import stats as S
+from .cache import cache_root, digest, unit_hash
 
 TEXT_FEATURES = datasets.Features(
     {"text": datasets.Value("string"), "key": datasets.Value("string"), "reason": datasets.Value("string")})

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ar2diff.config.data import DataConfig, SourceConfig
+
 from . import stats as S
 from .cache import build_once, cache_root, digest, tokenizer_fingerprint
 from .compact import Segment
-from ar2diff.config.data import DataConfig, SourceConfig
 from .sources import files_fingerprint, resolve_files
 
 INDEX_VERSION = 1

@@ -13,10 +13,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .cache import build_once, cache_root, unit_hash
 from ar2diff.config.data import DataConfig
-from .sources import in_heldout, read_stdlib_file, stdlib_files, stdlib_root
 from ar2diff.export_format import check_tokenizer_files
+
+from .cache import build_once, cache_root, unit_hash
+from .sources import in_heldout, read_stdlib_file, stdlib_files, stdlib_root
 
 log = logging.getLogger(__name__)
 

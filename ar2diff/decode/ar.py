@@ -14,8 +14,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ar2diff.decode.common import (DecodeConfig, DecodeResult, acceptance_histogram, check_prompts,  # noqa: F401
-                                   decode_text, finish, inference, model_device, summarize)
+from ar2diff.decode.common import (  # noqa: F401
+    DecodeConfig,
+    DecodeResult,
+    acceptance_histogram,
+    check_prompts,
+    decode_text,
+    finish,
+    inference,
+    model_device,
+    summarize,
+)
 from ar2diff.decode.samplers import probs_from_logits, sample
 from ar2diff.model.loading import max_positions
 from ar2diff.model.tidar import TidarLM

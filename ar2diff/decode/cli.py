@@ -14,16 +14,14 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ar2diff.checkpoint.reader import load_export
 from ar2diff.decode.ar import decode_ar
+from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
 from ar2diff.decode.common import DecodeConfig, eos_of, summarize
-from ar2diff.decode.levels import HARDWARE
+from ar2diff.decode.levels import HARDWARE, resolve_auto_levels
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
 from ar2diff.dtypes import TORCH_DTYPES
-from ar2diff.checkpoint.reader import load_export
-from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignored_flags
 from ar2diff.export_format import check_tokenizer_files
-from ar2diff.decode.levels import resolve_auto_levels
-
 
 
 class CliError(Exception):

@@ -22,21 +22,21 @@ device (flat while memory-bound, linear once compute-bound). This module
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
-
-from ar2diff.decode.projection import ACCELERATORS, ModelShape, forward_cost
-import copy
 import torch
-import json
-from pathlib import Path
-from dataclasses import replace
-from ar2diff.model.params import model_shape
+
 from ar2diff.decode.metrics import full_draft_histogram
+from ar2diff.decode.projection import ACCELERATORS, ModelShape, forward_cost
 from ar2diff.decode.tidar import decode_tidar
+from ar2diff.model.params import model_shape
 
 HARDWARE = {"mi300x": "MI300X", "mi355x": "MI355X", "h100": "H100 SXM", "cpu": None}
 ZYPHRA_LEVELS_16 = (4, 7, 10)

@@ -15,8 +15,8 @@ from ar2diff.fs import atomic_path
 def save_acceptance_histogram(histogram: list[int], path: str | Path, title: str = "") -> Path:
     """A bar chart of forwards per number of accepted drafts, saved as PNG at `path` (written via a temporary
     name and renamed, like eval.json). Returns the path."""
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,11 +40,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ar2diff.decode.common import (DecodeConfig, DecodeResult, check_prompts, decode_text, finish, inference,
-                                   model_device)
+from ar2diff.decode.common import (
+    DecodeConfig,
+    DecodeResult,
+    check_prompts,
+    decode_text,
+    finish,
+    inference,
+    model_device,
+)
 from ar2diff.decode.samplers import probs_from_logits, sample, verify_lossless, verify_mixing
-from ar2diff.decode.step_layout import (StepLayout, build_step_layout, level_for, next_draft_rows, parse_levels,
-                                        slice_meta, step_levels)
+from ar2diff.decode.step_layout import (
+    StepLayout,
+    build_step_layout,
+    level_for,
+    next_draft_rows,
+    parse_levels,
+    slice_meta,
+    step_levels,
+)
 from ar2diff.model.loading import max_positions
 from ar2diff.model.tidar import TidarLM
 from ar2diff.model.zaya import commit_stream_state, crop_attention

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 import torch
+
+from ar2diff.evaluation.heldout import heldout_losses
 from ar2diff.model.loading import load_model
 from ar2diff.model.tidar import TidarLM
 from ar2diff.objective import TidarObjective
-from ar2diff.evaluation.heldout import heldout_losses
 
 METADATA = "ar2diff.json"
 DIFFUSION_PHASES = ("tidar_midtrain", "context_extension", "diffusion_sft")

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
 from ar2diff.data.tokenizer import load_tokenizer
-from ar2diff.evaluation.base_relative import load_as_was
 from ar2diff.decode.ar import DecodeConfig
-from ar2diff.decode.tidar import TidarConfig
 from ar2diff.decode.run import run_decoder
+from ar2diff.decode.tidar import TidarConfig
+from ar2diff.evaluation.base_relative import load_as_was
 
 SAMPLERS = ("ar", "lossless", "mixing")
 

@@ -11,12 +11,13 @@ same prompts is bootstrapped paired, so "lossless matches AR" is: the interval o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from math import comb
 
 import torch
-from ar2diff.evaluation.heldout import select_prompts
-from dataclasses import replace
+
 from ar2diff.decode.run import run_decoder
+from ar2diff.evaluation.heldout import select_prompts
 
 Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, seed) -> generated ids per prompt
 

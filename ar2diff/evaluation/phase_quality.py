@@ -14,14 +14,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
+from ar2diff.data.loader import heldout_rows as read_rows
 from ar2diff.evaluation.base_relative import compare, load_as_was, original_base
-from ar2diff.evaluation.passk import evaluate_passk
-from ar2diff.evaluation.position import position_report
 from ar2diff.evaluation.decoder_check import sampler_configs
 from ar2diff.evaluation.heldout import read_heldout
-from ar2diff.data.loader import heldout_rows as read_rows
+from ar2diff.evaluation.passk import evaluate_passk
+from ar2diff.evaluation.position import position_report
 
 
 def previous_seq_len(start_dir) -> int | None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ar2diff.objective import ar_targets
 from ar2diff.decode.ar import inference, model_device
+from ar2diff.objective import ar_targets
 
 
 def bucket_edges(seq_len: int) -> list[int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ar2diff.fs import write_json_atomic
 from ar2diff.decode.plots import save_figure as _save
+from ar2diff.fs import write_json_atomic
 
 
 def _figure(size=(5.5, 3.6)):

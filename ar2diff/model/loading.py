@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch import nn
 import torch
+from torch import nn
+
 from ar2diff.export_format import check_weights
 
 # model_type -> needs a stream adapter (see module docstring)

@@ -18,8 +18,14 @@ import torch
 from torch import nn
 
 from ar2diff.model.attention import attention_mask_for
-from ar2diff.model.layout import (TidarLayout, TokenMeta, build_tidar_layout, causal_meta, positions_from_docs,
-                                  sample_draft_mask)
+from ar2diff.model.layout import (
+    TidarLayout,
+    TokenMeta,
+    build_tidar_layout,
+    causal_meta,
+    positions_from_docs,
+    sample_draft_mask,
+)
 from ar2diff.model.loading import SUPPORTED_MODEL_TYPES, check_model_type, max_positions
 from ar2diff.model.split_attention import split_mask
 from ar2diff.model.zaya import PREV_KWARG, install_zaya_adapter

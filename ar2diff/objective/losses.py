@@ -36,8 +36,6 @@ from ar2diff.config.schema import DIFF_TARGETS
 from ar2diff.model.layout import TidarLayout
 
 
-
-
 @dataclass(frozen=True)
 class DiffTarget:
     """What the diffusion stream is trained toward (module docstring): the clean token (data), the detached AR

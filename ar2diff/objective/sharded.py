@@ -26,8 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ar2diff.model.layout import build_tidar_layout, sample_draft_mask
-from ar2diff.model.sequence_shard import (POSITIONS_KWARG, SequenceParallel, extended_prev, plan_shard,
-                                          take_meta)
+from ar2diff.model.sequence_shard import POSITIONS_KWARG, SequenceParallel, extended_prev, plan_shard, take_meta
 from ar2diff.model.zaya import PREV_KWARG
 from ar2diff.model.zaya_halo import HALO_KWARG, Halo, conv_lookback
 from ar2diff.objective.losses import TidarOutput, ar_targets, diff_targets, hybrid_terms, teacher_rows

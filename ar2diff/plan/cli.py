@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ar2diff.config.compose import compose
 from ar2diff.config.schema import PhaseConfig
+from ar2diff.model.loading import make_config
 from ar2diff.model.params import ModelShape
 from ar2diff.model.params import model_shape as shape_of
 from ar2diff.plan.memory import GiB, MemoryPlan, TrainShape, plan_memory
-from ar2diff.model.loading import make_config
-from ar2diff.config.compose import compose
 
 # Device memory in GiB as the runtime reports it (rocm-smi / nvidia-smi totals).
 HARDWARE_GIB = {"mi300x": 192, "mi325x": 256, "mi355x": 288, "h100": 80, "h200": 140, "b200": 180}

@@ -24,8 +24,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from ar2diff.config.engine import PRECISIONS, EngineConfig  # noqa: F401 (re-exported)
 from ar2diff.config.schedule import ScheduleConfig  # noqa: F401 (re-exported)
-from ar2diff.model.params import (NUM_EXPERTS_KEYS, TOP_K_KEYS, ParamCount,  # noqa: F401 (re-exported)
-                                  count_params)
+from ar2diff.model.params import NUM_EXPERTS_KEYS, TOP_K_KEYS, ParamCount, count_params  # noqa: F401 (re-exported)
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.schedule import build_lr_scheduler
 from ar2diff.trainer.sequence_parallel import sequence_parallel_setup

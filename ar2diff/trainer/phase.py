@@ -12,41 +12,40 @@ batches, masks and numbers it would have seen.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from ar2diff.checkpoint.export import export_checkpoint
+from ar2diff.checkpoint.export_layout import save_run_assets
+from ar2diff.checkpoint.resume import find_latest_complete, load_checkpoint, save_checkpoint
 from ar2diff.config.budget import Budget, plan_budget
 from ar2diff.config.schema import PhaseConfig
+from ar2diff.data.loader import build_dataloaders
+from ar2diff.data.loader import prepare_data as prepare
+from ar2diff.data.prepare import check_inline
+from ar2diff.data.report import report_sources
+from ar2diff.data.tokenizer import resolve_tokenizer
+from ar2diff.evaluation.phase_end import phase_end_eval
 from ar2diff.logging import RunLogger
+from ar2diff.model.params import count_params
+from ar2diff.model.router_balance import RouterBalancer
+from ar2diff.plan.fits import check_plan_fits, device_capacity
 from ar2diff.trainer import standard_callbacks as std
 from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.engine import build_engine, flops_per_token
 from ar2diff.trainer.fault_callbacks import NonFiniteStop, PreemptionStop
 from ar2diff.trainer.faults import Preempted, StopSignal
-from ar2diff.trainer.router_callback import RouterBalancing
 from ar2diff.trainer.mfu import DensityWindow
-from ar2diff.trainer.sequence_parallel import loss_scale
-from ar2diff.data.tokenizer import resolve_tokenizer
-from ar2diff.trainer.setup import build_phase_model
-import random
-import numpy as np
-from ar2diff.data.loader import build_dataloaders, prepare_data as prepare
-from ar2diff.data.prepare import check_inline
-from ar2diff.checkpoint.export_layout import save_run_assets
-from ar2diff.checkpoint.resume import load_checkpoint, save_checkpoint
-from ar2diff.checkpoint.export import export_checkpoint
-from ar2diff.evaluation.phase_end import phase_end_eval
-from ar2diff.model.router_balance import RouterBalancer
-from ar2diff.model.params import count_params
-from ar2diff.plan.fits import check_plan_fits, device_capacity
-from ar2diff.checkpoint.resume import find_latest_complete
-from ar2diff.data.report import report_sources
-from ar2diff.trainer.engine import build_engine
 from ar2diff.trainer.resume_config import check_resume_config
-from ar2diff.trainer.engine import flops_per_token
+from ar2diff.trainer.router_callback import RouterBalancing
+from ar2diff.trainer.sequence_parallel import loss_scale
+from ar2diff.trainer.setup import build_phase_model
 
 
 @dataclass

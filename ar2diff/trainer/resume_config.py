@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
 from ar2diff.fs import write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
+
 import torch.distributed as dist
 
 try:

@@ -25,8 +25,6 @@ import torch
 from ar2diff.config.schedule import DECAY_SHAPES, SCHEDULES, ScheduleConfig, decay_steps, warmup_steps  # noqa: F401
 
 
-
-
 def decay_factor(progress: float, shape: str) -> float:
     """Fraction of the ``lr - min_lr`` gap left at ``progress`` in [0, 1] through a decay (1 at 0, 0 at 1)."""
     progress = min(max(progress, 0.0), 1.0)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
 from ar2diff.config.schema import PhaseConfig
 from ar2diff.dtypes import torch_dtype
 from ar2diff.model import TidarLM, add_mask_token, build_model, load_model
 from ar2diff.model.loading import make_config
-from ar2diff.objective import DiffTarget, TidarObjective
 from ar2diff.model.rope import check_theta_raised, rope_thetas
+from ar2diff.objective import DiffTarget, TidarObjective
+
 
 def apply_rope_overrides(config, rope: dict, max_positions: int | None) -> None:
     """Context extension: update RoPE parameters (every per-layer-type entry for nested layouts) and the limit."""

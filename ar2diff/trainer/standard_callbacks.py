@@ -9,11 +9,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from ar2diff.evaluation.heldout import heldout_losses, read_heldout
 from ar2diff.trainer.callbacks import Callback, TrainState
 from ar2diff.trainer.sequence_parallel import reduce_logged
-from ar2diff.evaluation.heldout import heldout_losses, read_heldout
-from tqdm.auto import tqdm
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
