@@ -120,3 +120,14 @@ def test_pipeline_overrides_reach_the_shared_phases_only(monkeypatch, tmp_path):
         assert (phase_cfg.model.attn_implementation, phase_cfg.objective.block_size, phase_cfg.decoder.num_prompts,
                 phase_cfg.deepspeed.zero_stage) == ("sdpa", 8, 24, compose(["deepspeed=cpu"]).deepspeed.zero_stage)
     assert [p.data.seq_len for p, _, _ in tidar] == [256, 512, 256]
+
+
+def test_cpu_bf16_detection_reads_the_flags_line():
+    from ar2diff.dtypes import cpu_bf16, cpu_flags
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_tile amx_bf16 avx512_bf16\nbogomips\t: 1\n"
+    assert cpu_bf16(amx) == (True, "CPU bf16: fast (amx_bf16, avx512_bf16)")
+    assert cpu_bf16("flags\t: fpu sse2 avx2 fma\n")[0] is False
+    assert "slow" in cpu_bf16("flags\t: fpu sse2 avx2 fma\n")[1]
+    assert cpu_bf16("Features\t: fp asimd bf16\n")[0] is False  # an ARM line: no x86 bf16 flag
+    assert cpu_flags("model name\t: x\n") == set() and cpu_bf16("")[0] is False

@@ -20,7 +20,7 @@ from ar2diff.decode.cli_checks import check_device, warn_block_size, warn_ignore
 from ar2diff.decode.common import DecodeConfig, eos_of, summarize
 from ar2diff.decode.levels import HARDWARE, resolve_auto_levels
 from ar2diff.decode.tidar import TidarConfig, decode_tidar
-from ar2diff.dtypes import TORCH_DTYPES
+from ar2diff.dtypes import TORCH_DTYPES, cpu_bf16
 from ar2diff.export_format import check_tokenizer_files
 
 
@@ -133,6 +133,8 @@ def run(args) -> dict:
                        "to --levels auto")
 
     check_device(args.device)
+    if str(args.device).startswith("cpu"):  # which --dtype pays on this CPU
+        print(f"{cpu_bf16()[1]}; --dtype {args.dtype}", file=sys.stderr)
     warn_ignored_flags(args)
     check_tokenizer_files(args.checkpoint)
     export = load_export(args.checkpoint, dtype=TORCH_DTYPES[args.dtype], device=args.device,

@@ -24,6 +24,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from ar2diff.config.engine import PRECISIONS, EngineConfig  # noqa: F401 (re-exported)
 from ar2diff.config.schedule import ScheduleConfig  # noqa: F401 (re-exported)
+from ar2diff.dtypes import cpu_bf16
 from ar2diff.model.params import NUM_EXPERTS_KEYS, TOP_K_KEYS, ParamCount, count_params  # noqa: F401 (re-exported)
 from ar2diff.trainer.distributed import init_distributed
 from ar2diff.trainer.schedule import build_lr_scheduler
@@ -146,9 +147,9 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, schedule_cfg: Schedu
     cfg.validate(ctx.world_size)
     schedule_cfg.validate(total_steps)
     on_cpu = get_accelerator().device_name() == "cpu"
-    if on_cpu and cfg.precision == "bf16":
-        warnings.warn("deepspeed.precision='bf16' on CPU runs, but slowly and with bf16 rounding; use 'fp32' for "
-                      "CPU tests", stacklevel=2)
+    if on_cpu and cfg.precision == "bf16" and not cpu_bf16()[0]:
+        warnings.warn(f"deepspeed.precision='bf16' on this CPU runs slowly ({cpu_bf16()[1]}); use 'fp32'",
+                      stacklevel=2)
     if cfg.activation_checkpointing:
         _, hf_model = find_hf_model(model)
         if hf_model is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from ar2diff.checkpoint.export import export_checkpoint
 from ar2diff.checkpoint.export_layout import save_run_assets
@@ -30,6 +31,7 @@ from ar2diff.data.loader import prepare_data as prepare
 from ar2diff.data.prepare import check_inline
 from ar2diff.data.report import report_sources
 from ar2diff.data.tokenizer import resolve_tokenizer
+from ar2diff.dtypes import cpu_bf16
 from ar2diff.evaluation.phase_end import phase_end_eval
 from ar2diff.logging import RunLogger
 from ar2diff.model.params import count_params
@@ -108,6 +110,8 @@ class PhaseTrainer:
         logger = RunLogger(self.run_dir, ctx.rank, name=f"{cfg.name}:{cfg.phase}", group=self.group,
                            config=asdict(cfg), wandb_cfg=cfg.logger)
         logger.print(f"[{cfg.name}] phase {cfg.phase}: {budget.describe()}")
+        if get_accelerator().device_name() == "cpu":  # which dtype pays on this CPU (deepspeed.precision)
+            logger.print(f"[{cfg.name}] {cpu_bf16()[1]}; deepspeed.precision={cfg.deepspeed.precision}")
         params = count_params(objective.lm)
         logger.print(f"[{cfg.name}] model {objective.config.model_type}: {params.total:,} parameters"
                      + (f" ({params.active:,} active)" if params.active and params.active != params.total else ""))
