@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
 from ar2diff.cli_errors import hydra_error_line
-from test_train import env
+from tiny import env
 
 HYDRA_NOISE = ("Traceback", "HYDRA_FULL_ERROR", "full_key:", "Config search path", "provider=")
 

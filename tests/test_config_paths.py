@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ar2diff.run_folder import resume_command, sweep_job_dirname
-from test_golden import OVERRIDES
+from tiny import GOLDEN_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = textwrap.dedent("""
@@ -83,7 +83,7 @@ def test_user_recipe_folder_joins_the_search_path(tmp_path):
 def test_user_recipe_trains_and_its_run_folder_explains_itself(tmp_path):
     folder, run_dir = user_recipe_folder(tmp_path / "mine"), tmp_path / "run"
     args = [f"hydra.searchpath=[file://{folder}]", "recipe=my_tiny",
-            *[o for o in OVERRIDES if not o.startswith("budget.tokens")], f"data.cache_dir={tmp_path / 'cache'}",
+            *[o for o in GOLDEN_OVERRIDES if not o.startswith("budget.tokens")], f"data.cache_dir={tmp_path / 'cache'}",
             f"run_dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "ar2diff.train", *args], cwd=tmp_path, env=env(str(REPO)),
                           capture_output=True, text=True, timeout=300)

@@ -4,7 +4,6 @@ a locked run folder, a changed config on resume, and a full disk."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from test_train import env, losses, run, train_cmd
+from tiny import env, losses, run, train_cmd
 
 pytestmark = pytest.mark.slow
 BUDGET = ["budget.tokens=2560", "trainer.ckpt_every=4"]  # 10 steps, checkpoints at 4, 8 and 10
@@ -106,16 +105,6 @@ def test_resume_with_a_changed_budget_is_refused_listing_the_difference(tmp_path
     assert "budget.tokens: 512 -> 1024" in line and "trainer.allow_config_change=true" in line
     run(train_cmd(tmp_path, cache, "budget.tokens=1024", "trainer.ckpt_every=4", "trainer.allow_config_change=true"))
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
 
 
 PROGRESS = re.compile(r"%\||examples/s|\d+ examples \[")  # tqdm and `datasets` progress bars

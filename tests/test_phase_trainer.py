@@ -4,7 +4,6 @@ would) gets a checkpoint at that step boundary and no export; `on_batch` sees (a
 neither the stop nor the held-out evaluation moved the training numbers."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_golden import GOLDEN, KEYS, OVERRIDES
+from tiny import GOLDEN, GOLDEN_KEYS, GOLDEN_OVERRIDES, env
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +40,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def launch(run_dir: Path, stop: int, cache: Path, overrides=OVERRIDES) -> dict:
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+def launch(run_dir: Path, stop: int, cache: Path, overrides=GOLDEN_OVERRIDES) -> dict:
     cmd = [sys.executable, "-c", SCRIPT, str(run_dir), str(stop), *overrides, f"data.cache_dir={cache}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -62,13 +58,13 @@ def test_stop_callback_checkpoints_then_rerun_resumes_to_the_golden_curve(tmp_pa
     second = launch(run_dir, 0, cache)
     assert second["ends"] == list(range(4, 9)) and second["export_dir"] == str(run_dir / "export")
     history = json.loads((run_dir / "summary.json").read_text())["history"]
-    train = [{"step": h["step"], **{k: h[k] for k in KEYS}} for h in history if "train/loss" in h]
+    train = [{"step": h["step"], **{k: h[k] for k in GOLDEN_KEYS}} for h in history if "train/loss" in h]
     assert train == json.loads(GOLDEN.read_text())["curve"]  # bit-exact on this machine
 
 
 def test_eval_every_logs_heldout_losses_without_moving_the_training_numbers(tmp_path):
     cache = tmp_path / "cache"
-    short = [o for o in OVERRIDES if not o.startswith("budget.tokens=")] + ["budget.tokens=1024",
+    short = [o for o in GOLDEN_OVERRIDES if not o.startswith("budget.tokens=")] + ["budget.tokens=1024",
                                                                             "data.heldout_fraction=0.3"]
     launch(tmp_path / "plain", 0, cache, short)
     launch(tmp_path / "eval", 0, cache, [*short, "trainer.eval_every=2"])

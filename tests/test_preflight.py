@@ -11,7 +11,7 @@ import pytest
 
 from ar2diff.config.compose import compose
 from ar2diff.preflight import check_phase_inputs, phase_complete
-from test_train import env
+from tiny import env
 
 
 def train(*args, timeout=300):

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from test_train import env
+from tiny import env
 
 pytestmark = pytest.mark.slow
 

@@ -167,7 +167,7 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     micro-batches), and a run resumed from its step-3 checkpoint logs exactly the uninterrupted run's losses."""
     import shutil
 
-    from test_train import losses, run, train_cmd
+    from tiny import losses, run, train_cmd
 
     cache = tmp_path / "cache"
     budget = ["budget.tokens=1536", "trainer.ckpt_every=3", "deepspeed.activation_checkpointing=true",
@@ -191,7 +191,7 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
 def test_trainer_sp2_with_two_data_parallel_groups_matches_one_rank(tmp_path):
     """4 ranks = 2 sequence-parallel groups of 2 (SP=2 x DP=2, ZeRO-1, the AR diffusion target) log the one-rank
     run's losses: each group takes its own rows of the global batch, and the gradients are reduced across groups."""
-    from test_train import losses, run, train_cmd
+    from tiny import losses, run, train_cmd
 
     cache = tmp_path / "cache"
     budget = ["budget.tokens=1024", "deepspeed.activation_checkpointing=true", "objective.diff_target=ar"]  # 4 steps

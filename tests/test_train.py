@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,41 +11,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch import failure_log, run_ranks
+from tiny import env, losses, run, train_cmd
 
 pytestmark = pytest.mark.slow
-
-TINY = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.moe_intermediate_size=64",
-        "model.config.max_position_embeddings=256", "data.seq_len=64", "data.sources.0.path=json/*",
-        "data.bpe_vocab_size=400", "data.bpe_max_bytes=300000", "objective.block_size=8", "objective.mask_ratio=0.5",
-        "budget.global_batch_size=4", "deepspeed.micro_batch_size=2", "schedule.lr=1e-3", "schedule.min_lr=1e-4",
-        "trainer.log_every=1", "logger=none", "decoder.enabled=false"]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data-cache")
-
-
-def env():
-    e = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ar2diff" / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
-def train_cmd(run_dir, cache, *extra, ranks=1):
-    launcher = [sys.executable, "-m", "ar2diff.train"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
-        "ar2diff.train"]
-    return [*launcher, *TINY, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]
-
-
-def run(cmd, timeout=300):
-    proc = run_ranks(cmd, env=env(), timeout=timeout)
-    assert proc.returncode == 0, failure_log(proc)
-    return proc
 
 
 def router_biases(run_dir) -> dict[str, torch.Tensor]:
@@ -55,12 +27,6 @@ def router_biases(run_dir) -> dict[str, torch.Tensor]:
 
     weights = load_file(str(Path(run_dir) / "export" / "model.safetensors"))
     return {k: v for k, v in weights.items() if k.endswith("balancing_biases")}
-
-
-def losses(run_dir):
-    history = json.loads((Path(run_dir) / "summary.json").read_text())["history"]
-    return [(h["step"], h["train/loss"], h["train/loss_ar"], h["train/loss_diff"]) for h in history
-            if "train/loss" in h]
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
