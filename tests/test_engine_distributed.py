@@ -94,6 +94,7 @@ def one_rank_runs() -> dict:
     return {spec["name"]: worker.run(spec) for spec in ONE_RANK_SPECS}
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_two_rank_zero_matches_one_rank(two_rank_runs, one_rank_runs, name):
     run, reference = two_rank_runs[name], one_rank_runs["dense"]
@@ -103,6 +104,7 @@ def test_two_rank_zero_matches_one_rank(two_rank_runs, one_rank_runs, name):
     assert run["lrs"] == pytest.approx(reference["lrs"], rel=1e-12)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["autoep2_zero2", "autoep2_zero3"])
 def test_autoep_matches_one_rank_without_ep(two_rank_runs, one_rank_runs, name):
     run, reference = two_rank_runs[name], one_rank_runs["moe"]
@@ -112,6 +114,7 @@ def test_autoep_matches_one_rank_without_ep(two_rank_runs, one_rank_runs, name):
     assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
 
 
+@pytest.mark.dist
 def test_autoep_outputs_the_router_aux_loss(two_rank_runs, one_rank_runs):
     # Rank 0 trains on chunk 0 every step, as does the reference's first micro-step (index 2 * step): with the
     # same weights the aux loss AutoEP's router reports must be HF's.
@@ -121,6 +124,7 @@ def test_autoep_outputs_the_router_aux_loss(two_rank_runs, one_rank_runs):
     assert all(value is None for value in two_rank_runs["zero2"]["aux_losses"])
 
 
+@pytest.mark.dist
 def test_bf16_tracks_fp32(two_rank_runs, one_rank_runs):
     # bf16 weights/activations with fp32 master weights: same curve within bf16 rounding (8 mantissa bits,
     # ~0.4% per op; measured <= 1.3% over 5 steps), and still learning.

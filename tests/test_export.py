@@ -45,6 +45,7 @@ def _weight_keys(folder: Path) -> set[str]:
     return keys
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", CASES)
 def test_two_rank_resume_reproduces_losses(trained, case):
     """Written by the worker: on both ranks, the resumed engine's losses equal the original's."""
@@ -52,6 +53,7 @@ def test_two_rank_resume_reproduces_losses(trained, case):
     assert verdicts == [{"client": True, "losses": True}] * 2
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", CASES)
 def test_export_equals_training_weights_and_logits(trained, tmp_path, case):
     dest = tmp_path / "export"
@@ -78,6 +80,7 @@ def test_export_equals_training_weights_and_logits(trained, tmp_path, case):
         "source_checkpoint": str((trained / case / "step_00000002").resolve())}
 
 
+@pytest.mark.dist
 def test_sharded_bf16_export_from_tag_folder(trained, tmp_path):
     dest = export_checkpoint(trained / "z3_moe" / "step_00000002", tmp_path / "out", dtype="bfloat16",
                              max_shard_size="20KB", extra_metadata={"tokens_seen": 7, "note": "trainer's"})
@@ -93,6 +96,7 @@ def test_sharded_bf16_export_from_tag_folder(trained, tmp_path):
     assert all(torch.equal(params[k], v.to(torch.bfloat16)) for k, v in expected.items())
 
 
+@pytest.mark.dist
 def test_base_folder_replaces_missing_run_assets(trained, tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(trained / "z1_llama" / "step_00000002", root / "step_00000002")
@@ -102,6 +106,7 @@ def test_base_folder_replaces_missing_run_assets(trained, tmp_path):
     assert read_metadata(tmp_path / "b")["base_model"] == "tiny-from-config"
 
 
+@pytest.mark.dist
 def test_cli_errors_name_the_bad_path(trained, tmp_path, capsys):
     def error(*argv: str) -> str:
         assert main(list(argv)) == 2

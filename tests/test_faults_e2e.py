@@ -14,7 +14,7 @@ import pytest
 
 from tiny import env, losses, run, train_cmd
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 BUDGET = ["budget.tokens=2560", "trainer.ckpt_every=4"]  # 10 steps, checkpoints at 4, 8 and 10
 
 
@@ -155,6 +155,7 @@ def test_a_disk_filled_by_another_writer_while_wandb_runs_gives_one_line(small_d
     assert line.startswith(f"ar2diff.train: error: disk full while writing under {run_dir}"), line
 
 
+@pytest.mark.dist
 def test_disk_full_under_torchrun_is_one_line_from_rank_0_and_no_rank_waits(small_disk, cache):
     """Two ranks share the small disk: the save fails on one or both; both stop at once (not after the process-group
     timeout) and the user reads one line, from rank 0, naming the failed rank(s)."""

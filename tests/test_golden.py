@@ -28,7 +28,7 @@ def _curve(run_dir: Path) -> list[dict]:
     return [{"step": h["step"], **{k: h[k] for k in GOLDEN_KEYS}} for h in history if "train/loss" in h]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tiny_tidar_run_reproduces_the_golden_loss_curve(tmp_path):
     cmd = [sys.executable, "-m", "ar2diff.train", *GOLDEN_OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}",
            f"run_dir={tmp_path / 'run'}"]

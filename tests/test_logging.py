@@ -10,6 +10,7 @@ import pytest
 
 from tiny import env
 
+pytestmark = pytest.mark.e2e
 
 FILL_THEN_LOG = """
 import logging, sys

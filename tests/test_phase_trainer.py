@@ -13,7 +13,7 @@ import pytest
 
 from tiny import GOLDEN, GOLDEN_KEYS, GOLDEN_OVERRIDES, env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SCRIPT = textwrap.dedent("""
     import json, sys

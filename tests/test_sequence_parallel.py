@@ -41,6 +41,7 @@ def two_ranks(tmp_path_factory) -> dict:
     return launch(tmp_path_factory.mktemp("sp"), "model,engine,stock")
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("arch", ["llama", "zaya", "qwen3_moe"])
 def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
     """The summed loss shares and gradients of SP=2 equal the unsharded TidarLM's (ZAYA: through the CCA halo;
@@ -54,6 +55,7 @@ def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
         assert r["ref_aux"] > 0.5  # the balancing loss is really in the objective
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["llama/ar", "zaya/mix/5", "qwen3_moe/ar/3"])
 def test_two_sp_ranks_equal_one_rank_with_the_ar_diffusion_target(two_ranks, case):
     """objective.diff_target=ar|mix under SP (with and without loss chunking): the summed shares of the loss, of the
@@ -67,17 +69,19 @@ def test_two_sp_ranks_equal_one_rank_with_the_ar_diffusion_target(two_ranks, cas
     assert abs(r["ref_terms"]["loss_diff"] - r["ref_terms"]["loss_diff_data"]) > 1e-3  # the AR target is in the loss
 
 
+@pytest.mark.dist
 def test_aligned_target_needs_the_previous_ranks_row(two_ranks):
     """Negative control: with each rank's own row in place of the previous rank's the sharded loss is wrong."""
     assert abs(two_ranks["model"]["aligned_without_exchange_loss"] - two_ranks["model"]["llama/ar"]["ref_loss"]) > 1e-4
 
 
+@pytest.mark.dist
 def test_zaya_needs_the_halo(two_ranks):
     """Negative control: with the previous rank's halo replaced by zeros the sharded ZAYA loss is wrong."""
     assert abs(two_ranks["model"]["zaya_without_halo_loss"] - two_ranks["model"]["zaya"]["ref_loss"]) > 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_flex_core_attention_forward(tmp_path):
     """With flex attention as the gathered attention, the TiDAR BlockMask over the gathered order gives the
     unsharded SDPA loss (forward only: torch 2.13 has no flex backward on CPU; slow: flex attention compiles)."""
@@ -85,6 +89,7 @@ def test_flex_core_attention_forward(tmp_path):
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero2_no_rs", "zero3", "zero3_no_rs", "zero1_zaya",
                                   "zero2_qwen3_moe"])
 def test_engine_reduction_rule_is_measured_and_gradients_match(two_ranks, case):
@@ -98,6 +103,7 @@ def test_engine_reduction_rule_is_measured_and_gradients_match(two_ranks, case):
     assert max(r["grad_rel"].values()) < 1e-5
 
 
+@pytest.mark.dist
 def test_stock_deepspeed_hf_path_drops_the_tidar_mask(two_ranks):
     """Why ar2diff has its own wrapper: DeepSpeed's register_with_transformers replaces the mask by None, so a TiDAR
     mask gives exactly the plain causal output, far from the masked attention ar2diff's wrapper computes."""
@@ -160,7 +166,7 @@ def test_loss_scale_rule():
     assert loss_scale(3, False, 4) == 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     """The phase trainer with deepspeed.sequence_parallel_size=2 on 2 ranks (tiny ZAYA, ZeRO-1, activation
     checkpointing, mask_ratio 0.5, the mixed diffusion target) logs the one-rank run's losses (same global
@@ -188,6 +194,7 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     assert losses(resumed) == sp  # bit-exact
 
 
+@pytest.mark.dist
 def test_trainer_sp2_with_two_data_parallel_groups_matches_one_rank(tmp_path):
     """4 ranks = 2 sequence-parallel groups of 2 (SP=2 x DP=2, ZeRO-1, the AR diffusion target) log the one-rank
     run's losses: each group takes its own rows of the global batch, and the gradients are reduced across groups."""

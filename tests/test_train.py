@@ -13,8 +13,6 @@ from omegaconf import OmegaConf
 
 from tiny import env, losses, run, train_cmd
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -29,6 +27,7 @@ def router_biases(run_dir) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if k.endswith("balancing_biases")}
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     budget = ["budget.tokens=5120", "trainer.ckpt_every=4"]  # 20 steps
     run(train_cmd(tmp_path / "ref", cache, *budget))
@@ -64,6 +63,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     assert export["step"] == 20 and export["tokens_seen"] == 5120 and export["phase"] == "tidar_midtrain"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("setting", [
     ["deepspeed.zero_stage=2"],
     ["deepspeed.zero_stage=3"],
@@ -92,6 +92,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, se
         torch.testing.assert_close(two_b[k], v, rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.e2e
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path, cache):
     run_dir = tmp_path / "sweep"
     cmd = train_cmd(run_dir, cache, "budget.tokens=512", "trainer.ckpt_every=100")
