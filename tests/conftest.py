@@ -18,6 +18,7 @@ too, though the cached fixture launches nothing more.
 
 from __future__ import annotations
 
+import json
 import multiprocessing.process
 import os
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 LAUNCH_MARKERS = ("dist", "e2e")
 # Owned elsewhere and marked by their owner: their subprocesses are not failed here (yet).
 GUARD_EXEMPT_FILES = {"test_layering.py", "test_docs.py"}
@@ -40,6 +42,9 @@ LIBRARY_HELPERS = {
     os.path.join("deepspeed", "utils", "numa.py"): "DeepSpeed's `numactl --hardware` probe (CPU device count)",
     os.path.join("lm_eval", "loggers", "utils.py"): "lm-eval's `git describe` for its results metadata",
 }
+
+# What a launcher sets for its ranks; a launch from a test starts without them (pytest may hold a one-rank group's).
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 _current: dict = {"item": None}
 _fixture_stack: list = []  # FixtureDefs whose setup is running now (outermost first)
@@ -190,3 +195,27 @@ def small_disk(tmp_path):
         pytest.skip("needs root to mount a small tmpfs")
     yield mount
     subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.fixture(scope="session")
+def rank_jobs(request, tmp_path_factory) -> Path:
+    """The output folder of one `torchrun --nproc_per_node 2 tests/rank_jobs.py` launch that runs every 2-rank worker
+    job this session's tests need: a test module that uses this fixture names its jobs in `RANK_JOBS` (job ->
+    arguments, see tests/rank_jobs.py); only the jobs of the selected tests run."""
+    from launch import failure_log, run_ranks
+
+    jobs: dict = {}
+    for item in request.session.items:
+        if "rank_jobs" in getattr(item, "fixturenames", ()):
+            jobs.update(getattr(item.module, "RANK_JOBS", {}))
+    out = tmp_path_factory.mktemp("rank-jobs")
+    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV and not k.startswith("TORCHELASTIC")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ar2diff" / "torch_extensions"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "rank_jobs.py"), str(out), json.dumps(jobs)]
+    # ~35 s on 2 cores; well under the 10-minute process-group timeout, so a rank waiting forever (the fault that
+    # ckpt_fail guards against) fails here first
+    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=480)
+    assert proc.returncode == 0, failure_log(proc)
+    return out

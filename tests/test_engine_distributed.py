@@ -1,8 +1,9 @@
 """Distributed start-up, and real 2-rank engines (``torchrun --nproc_per_node 2``, gloo, CPU) against one rank.
 
-One torchrun launch runs all 2-rank configurations (ZeRO-2, ZeRO-3, AutoEP expert-parallel 2 on ZeRO-2 and on
-ZeRO-3 with the HF model inside a wrapper module, bf16 on ZeRO-1) one after another in the same ranks
-(``tests/dist_worker.py``): torchrun start-up is the cost, so it is paid once.
+All 2-rank configurations (ZeRO-2, ZeRO-3, AutoEP expert-parallel 2 on ZeRO-2 and on ZeRO-3 with the HF model
+inside a wrapper module, bf16 on ZeRO-1) run one after another in the same ranks (``tests/dist_worker.py``), in
+the session's one 2-rank launch (the ``rank_jobs`` fixture, tests/rank_jobs.py): torchrun start-up is the cost,
+so it is paid once.
 
 Why the trajectories must agree: every run sees the same global batch of 4 sequences per optimizer step, all
 tokens labelled, so the mean over ranks of the per-rank mean loss is the global mean loss and DeepSpeed's
@@ -16,20 +17,18 @@ orders of magnitude below rtol 1e-4 over 5 steps (measured: agreement to ~1e-7).
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from ar2diff.trainer.distributed import LAUNCHER_ENV, init_distributed, single_process_env
 
-REPO = Path(__file__).resolve().parents[1]
 EXTENSIONS_DIR = str(Path.home() / ".cache" / "ar2diff" / "torch_extensions")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
 
 
 import dist_worker as worker  # noqa: E402  (tests/ is on sys.path, like tiny.py)
-from launch import failure_log, run_ranks  # noqa: E402
+
 FP32 = {"precision": "fp32"}
 TWO_RANK_SPECS = [
     {"name": "zero2", "model": "llama", "engine": {**FP32, "zero_stage": 2, "micro_batch_size": 2}},
@@ -74,18 +73,13 @@ def test_init_distributed_single_process_is_idempotent():
     assert init_distributed() == first
 
 
+RANK_JOBS = {"dist": {"specs": TWO_RANK_SPECS}}  # for the rank_jobs fixture (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory) -> dict:
-    """Every TWO_RANK_SPECS run from one ``torchrun --nproc_per_node 2`` launch."""
-    out = tmp_path_factory.mktemp("dist") / "losses.json"
-    env = {key: value for key, value in os.environ.items()
-           if key not in LAUNCHER_ENV and not key.startswith("TORCHELASTIC")}
-    env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "dist_worker.py"), "--specs", json.dumps(TWO_RANK_SPECS), "--out", str(out)]
-    proc = run_ranks(command, cwd=REPO, env=env, timeout=600)
-    assert proc.returncode == 0, failure_log(proc)
-    return json.loads(out.read_text())
+def two_rank_runs(rank_jobs) -> dict:
+    """Every TWO_RANK_SPECS run, from the session's one ``torchrun --nproc_per_node 2`` launch."""
+    return json.loads((rank_jobs / "dist" / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")

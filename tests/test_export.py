@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ar2diff.checkpoint import export_model, is_complete_export, read_metadata
 from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME, ar2diff_version
 from ar2diff.export import export_checkpoint, main
-from launch import failure_log, run_ranks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
 W = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(W)
-REPO = Path(__file__).resolve().parents[1]
 CASES = [case[0] for case in W.EXPORT_CASES]
 TIED = {case[0]: case[3] for case in W.EXPORT_CASES}
 
 
+RANK_JOBS = {"ckpt_train": {}}  # for the rank_jobs fixture (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One torchrun launch (2 gloo ranks): a step-2 checkpoint per ZeRO case plus its expectations."""
-    out = tmp_path_factory.mktemp("trained")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ckpt_worker.py"), "train-and-save", str(out)]
-    proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=300)
-    assert proc.returncode == 0, failure_log(proc)
-    return out
+def trained(rank_jobs) -> Path:
+    """From the session's one 2-rank launch (ckpt_worker.train_and_save on 2 gloo ranks): a step-2 checkpoint per
+    ZeRO case plus its expectations."""
+    return rank_jobs / "ckpt_train"
 
 
 def _weight_keys(folder: Path) -> set[str]:

@@ -44,10 +44,13 @@ def launch(out: Path, nproc: int, *cases: str) -> Path:
     return out
 
 
+RANK_JOBS = {"autoep": {"cases": list(W.CASES)}}  # for the rank_jobs fixture (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Every case of autoep_worker.CASES, from one 2-rank launch."""
-    return launch(tmp_path_factory.mktemp("autoep"), 2)
+def trained(rank_jobs) -> Path:
+    """Every case of autoep_worker.CASES on 2 ranks, from the session's one 2-rank launch."""
+    return rank_jobs / "autoep"
 
 
 def expected_transformers_weights(expected: dict) -> dict[str, torch.Tensor]:

@@ -1,16 +1,14 @@
 """TiDAR-aware Ulysses sequence parallelism (ar2diff.model.sequence_shard, ar2diff.model.zaya_halo,
 ar2diff.trainer.sequence_parallel).
 
-The distributed checks run in one `torchrun --nproc_per_node 2` launch of tests/sp_worker.py (gloo, CPU); that
-subprocess is also where DeepSpeed's `register_with_transformers` may change transformers' global attention table.
+The distributed checks run the modes of tests/sp_worker.py in the session's one `torchrun --nproc_per_node 2` launch
+(gloo, CPU; the `rank_jobs` fixture, tests/rank_jobs.py); that subprocess is also where DeepSpeed's
+`register_with_transformers` may change transformers' global attention table (its mode runs last).
 Batch: two packed rows of 16 tokens, block size 4, mask_ratio 0.5, a prompt without loss, padding, and a draft
 block [7, 11) straddling the shard edge at 8; activation checkpointing on; fp32.
 """
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,25 +18,14 @@ from ar2diff.model.sequence_shard import extended_prev, plan_shard
 from ar2diff.trainer.distributed import LAUNCHER_ENV
 from ar2diff.trainer.sequence_parallel import check_heads, loss_scale
 
-from launch import failure_log, run_ranks
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def launch(tmp_path, modes: str) -> dict:
-    out = tmp_path / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith("TORCHELASTIC")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "sp_worker.py"), "--modes", modes, "--out", str(out)]
-    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=600)
-    assert proc.returncode == 0, failure_log(proc)
-    return json.loads(out.read_text())
+RANK_JOBS = {"sp": {"modes": "model,engine,flex,stock"}}  # for the rank_jobs fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    return launch(tmp_path_factory.mktemp("sp"), "model,engine,stock")
+def two_ranks(rank_jobs) -> dict:
+    """The sp_worker modes' results, from the session's one 2-rank launch (stock ran last, as its own job)."""
+    results = json.loads((rank_jobs / "sp" / "results.json").read_text())
+    return {**results, "stock": json.loads((rank_jobs / "sp_stock" / "results.json").read_text())["stock"]}
 
 
 @pytest.mark.dist
@@ -82,10 +69,10 @@ def test_zaya_needs_the_halo(two_ranks):
 
 
 @pytest.mark.dist
-def test_flex_core_attention_forward(tmp_path):
+def test_flex_core_attention_forward(two_ranks):
     """With flex attention as the gathered attention, the TiDAR BlockMask over the gathered order gives the
     unsharded SDPA loss (forward only: torch 2.13 has no flex backward on CPU; slow: flex attention compiles)."""
-    r = launch(tmp_path, "flex")["flex"]
+    r = two_ranks["flex"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
 
 
