@@ -63,6 +63,19 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     assert export["step"] == 20 and export["tokens_seen"] == 5120 and export["phase"] == "tidar_midtrain"
 
 
+RANKS_BUDGET = ["budget.tokens=1536", "trainer.ckpt_every=100"]  # 6 steps
+
+
+@pytest.fixture(scope="module")
+def zero_sweeps(tmp_path_factory, cache) -> Path:
+    """ZeRO-2 and ZeRO-3 on 1 rank (micro 2 x accumulation 2) and on 2 ranks (micro 2 x 1): one Hydra sweep per world
+    size, so 2 launches instead of 4 (a job of a sweep logs and exports exactly what its own launch does)."""
+    root = tmp_path_factory.mktemp("zero")
+    for name, ranks in (("one", 1), ("two", 2)):
+        run(train_cmd(root / name, cache, *RANKS_BUDGET, "deepspeed.zero_stage=2,3", ranks=ranks, multirun=True))
+    return root
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("setting", [
     ["deepspeed.zero_stage=2"],
@@ -70,23 +83,28 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     # AutoEP expert parallelism (2 ranks hold 2 experts each) on Qwen3-MoE, router balancing loss included
     ["model=tiny_qwen3_moe", "deepspeed.zero_stage=2", "deepspeed.expert_parallel_size=2"],
 ], ids=["zero2", "zero3", "autoep2_zero2"])
-def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, setting):
-    budget = ["budget.tokens=1536", "trainer.ckpt_every=100", *setting]  # 6 steps
-    one_rank = [o for o in budget if not o.startswith("deepspeed.expert_parallel_size")]
-    run(train_cmd(tmp_path / "one", cache, *one_rank))  # 1 rank: micro 2 x accumulation 2, no expert parallel
-    run(train_cmd(tmp_path / "two", cache, *budget, ranks=2))  # 2 ranks: micro 2 x 1
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, setting, request):
+    if len(setting) == 1:  # a ZeRO stage: its job of the module's two sweeps
+        sweeps = request.getfixturevalue("zero_sweeps")
+        one_dir, two_dir = sweeps / "one" / setting[0], sweeps / "two" / setting[0]
+    else:
+        budget = [*RANKS_BUDGET, *setting]
+        one_rank = [o for o in budget if not o.startswith("deepspeed.expert_parallel_size")]
+        one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+        run(train_cmd(one_dir, cache, *one_rank))  # 1 rank: micro 2 x accumulation 2, no expert parallel
+        run(train_cmd(two_dir, cache, *budget, ranks=2))  # 2 ranks: micro 2 x 1
+    one, two = losses(one_dir), losses(two_dir)
     assert [s for s, *_ in one] == [s for s, *_ in two] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor([v[1:] for v in two]), torch.tensor([v[1:] for v in one]),
                                rtol=1e-4, atol=1e-5)
     assert one[-1][1] < one[0][1]  # it learns
     from transformers import AutoModelForCausalLM
 
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "export")
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "export")
+    a = AutoModelForCausalLM.from_pretrained(one_dir / "export")
+    b = AutoModelForCausalLM.from_pretrained(two_dir / "export")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=name)
-    one_b, two_b = router_biases(tmp_path / "one"), router_biases(tmp_path / "two")
+    one_b, two_b = router_biases(one_dir), router_biases(two_dir)
     assert one_b.keys() == two_b.keys()  # ZAYA: counts summed over ranks give the same bias updates (ZeRO-3 too)
     for k, v in one_b.items():
         torch.testing.assert_close(two_b[k], v, rtol=0, atol=1e-6, msg=k)

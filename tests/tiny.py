@@ -191,12 +191,14 @@ def env() -> dict[str, str]:
     return e
 
 
-def train_cmd(run_dir, cache, *extra, ranks=1) -> list[str]:
-    """`python -m ar2diff.train` (torchrun for ranks > 1) of a tiny TiDAR run."""
+def train_cmd(run_dir, cache, *extra, ranks=1, multirun=False) -> list[str]:
+    """`python -m ar2diff.train` (torchrun for ranks > 1) of a tiny TiDAR run; a Hydra sweep (one folder per job
+    under run_dir) with multirun=True."""
     launcher = [sys.executable, "-m", "ar2diff.train"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
         "ar2diff.train"]
-    return [*launcher, *TINY_RUN, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]
+    sweep = ["--multirun"] if multirun else []
+    return [*launcher, *sweep, *TINY_RUN, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]
 
 
 def run(cmd, timeout=300):
