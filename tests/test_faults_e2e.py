@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +25,16 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference_dir(tmp_path_factory, cache):
+    """The uninterrupted run's folder (do not modify: copy it)."""
     run_dir = tmp_path_factory.mktemp("reference")
     run(train_cmd(run_dir, cache, *BUDGET))
-    return losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return losses(reference_dir)
 
 
 def error_lines(proc) -> list[str]:
@@ -53,8 +60,11 @@ def test_sigterm_mid_phase_checkpoints_exits_0_and_the_rerun_matches(tmp_path, c
     assert losses(tmp_path) == reference
 
 
-def test_corrupted_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(tmp_path, cache, reference):
-    run(train_cmd(tmp_path, cache, *BUDGET))
+def test_corrupted_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(tmp_path, cache, reference,
+                                                                                   reference_dir):
+    # a finished run of BUDGET: a copy of the uninterrupted run (the same command would write the same files; the
+    # run folder's path is not part of the resume check)
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
     newest = tmp_path / "checkpoints" / "step_00000010"
     optim = next(newest.glob("*optim_states.pt"))
     data = bytearray(optim.read_bytes())
