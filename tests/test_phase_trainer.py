@@ -32,20 +32,26 @@ SCRIPT = textwrap.dedent("""
             if state.step == self.step:
                 state.should_stop = True
 
-    run_dir, stop, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    cb = StopAt(stop)
-    result = run_phase(compose(overrides), run_dir, callbacks=[cb])
-    print("RESULT " + json.dumps({"batches": cb.batches, "ends": cb.ends,
-                                  "export_dir": None if result.export_dir is None else str(result.export_dir)}))
+    for run_dir, stop, overrides in json.loads(sys.argv[1]):  # one phase after another, in this process
+        cb = StopAt(stop)
+        result = run_phase(compose(overrides), run_dir, callbacks=[cb])
+        print("RESULT " + json.dumps({"batches": cb.batches, "ends": cb.ends,
+                                      "export_dir": None if result.export_dir is None else str(result.export_dir)}))
 """)
 
 
-def launch(run_dir: Path, stop: int, cache: Path, overrides=GOLDEN_OVERRIDES) -> dict:
-    cmd = [sys.executable, "-c", SCRIPT, str(run_dir), str(stop), *overrides, f"data.cache_dir={cache}"]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+def launch_phases(*phases: tuple[Path, int, list[str]], cache: Path) -> list[dict]:
+    """One process runs each (run_dir, stop step, overrides) phase in turn; their callbacks' records."""
+    runs = [[str(run_dir), stop, [*overrides, f"data.cache_dir={cache}"]] for run_dir, stop, overrides in phases]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(runs)], env=env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+
+
+def launch(run_dir: Path, stop: int, cache: Path, overrides=GOLDEN_OVERRIDES) -> dict:
+    (result,) = launch_phases((run_dir, stop, overrides), cache=cache)
+    return result
 
 
 def test_stop_callback_checkpoints_then_rerun_resumes_to_the_golden_curve(tmp_path):
@@ -66,8 +72,8 @@ def test_eval_every_logs_heldout_losses_without_moving_the_training_numbers(tmp_
     cache = tmp_path / "cache"
     short = [o for o in GOLDEN_OVERRIDES if not o.startswith("budget.tokens=")] + ["budget.tokens=1024",
                                                                             "data.heldout_fraction=0.3"]
-    launch(tmp_path / "plain", 0, cache, short)
-    launch(tmp_path / "eval", 0, cache, [*short, "trainer.eval_every=2"])
+    # both phases in one process (a launch less); each phase seeds and builds everything it trains
+    launch_phases((tmp_path / "plain", 0, short), (tmp_path / "eval", 0, [*short, "trainer.eval_every=2"]), cache=cache)
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["history"]
     evald = json.loads((tmp_path / "eval" / "summary.json").read_text())["history"]
     heldout = [h for h in evald if "heldout/loss" in h]
