@@ -122,6 +122,26 @@ def test_extended_prev_points_at_the_same_tokens_as_the_unsharded_index():
         assert got.tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("arch, kwargs", [("llama", {}), ("qwen3_moe", {}), ("llama", {"diff_target": "ar"})],
+                         ids=["llama", "qwen3_moe", "llama/ar"])
+def test_a_one_rank_share_is_the_unsharded_loss(arch, kwargs):
+    """In-process (no ranks): the sharded objective over a sequence-parallel "group" of one rank computes the unsharded
+    TidarLM loss and terms (the 2-rank checks above need torchrun; ZAYA's halo needs a process group)."""
+    import sp_worker
+
+    from ar2diff.model.sequence_shard import SequenceParallel
+    from ar2diff.objective_sharded import sharded_tidar_loss
+
+    b = sp_worker.batch()
+    ref = sp_worker.tidar_model(arch, **kwargs)(**b, generator=torch.Generator().manual_seed(3))
+    one = SequenceParallel(group=None, rank=0, size=1)
+    out = sharded_tidar_loss(sp_worker.tidar_model(arch, **kwargs), one, b["input_ids"], b["doc_ids"],
+                             loss_mask=b["loss_mask"], generator=torch.Generator().manual_seed(3))
+    assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    for key, value in ref.terms.log_dict().items():
+        assert out.terms.log_dict()[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
 def test_named_errors():
     with pytest.raises(ValueError, match="seq_len=10 is not divisible by deepspeed.sequence_parallel_size=4"):
         plan_shard(10, 0, 4)
