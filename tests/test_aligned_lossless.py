@@ -11,10 +11,10 @@ from ar2diff.decode.step_layout import build_step_layout
 from ar2diff.decode.tidar import TidarConfig, decode_tidar, step_forward
 from ar2diff.model import TidarLM, build_model
 from ar2diff.objective import DiffTarget, TidarObjective
-from test_decode_tidar import chi_square, chi_square_critical, make_prompts
-from tiny import MASK_ID, TINY_CONFIGS, one_thread, progressions, randomize, tiny_model
+from tiny import (MASK_ID, TINY_CONFIGS, chi_square, chi_square_critical, make_prompts, progressions, randomize,
+                  tiny_model)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model: TidarLM, batches, steps: int, target: DiffTarget) -> TidarLM:

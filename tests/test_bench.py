@@ -17,6 +17,7 @@ def run(script, *args):
     return proc.stdout
 
 
+@pytest.mark.e2e
 def test_bench_train_reports_the_tidar_over_ar_ratio(tmp_path):
     out = tmp_path / "train.json"
     run("bench_train.py", "--model", "tiny_qwen3_moe", "--batch", "2", "--seq-len", "32", "--warmup", "0",
@@ -27,6 +28,7 @@ def test_bench_train_reports_the_tidar_over_ar_ratio(tmp_path):
     assert row["ratios_over_ar"]["tidar_groups0"] == row["median_s"]["tidar_groups0"] / row["median_s"]["ar"]
 
 
+@pytest.mark.e2e
 def test_bench_decode_greedy_samplers_agree_with_ar_and_generate(tmp_path):
     out = tmp_path / "decode.json"
     run("bench_decode.py", "--tiny", "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "6",
@@ -37,6 +39,7 @@ def test_bench_decode_greedy_samplers_agree_with_ar_and_generate(tmp_path):
     assert rows["ar"]["speedup_vs_ar"] == 1.0
 
 
+@pytest.mark.e2e
 def test_bench_decode_cache_sweep_times_both_paths_per_prompt_length(tmp_path):
     out = tmp_path / "sweep.json"
     run("bench_decode.py", "--tiny", "tiny_zaya", "--cache-sweep", "8,24", "--prompts", "1", "--max-new-tokens",
@@ -48,6 +51,7 @@ def test_bench_decode_cache_sweep_times_both_paths_per_prompt_length(tmp_path):
         assert row["recompute_over_cache"] == row["recompute"]["ms_per_forward"] / row["cache"]["ms_per_forward"]
 
 
+@pytest.mark.e2e
 def test_bench_data_reports_throughput_storage_and_startup(tmp_path):
     out = tmp_path / "data.json"
     run("bench_data.py", "--prep-mb", "0.2", "--sizes", "2e5", "--row-len", "1024", "--out", str(out))
@@ -60,6 +64,7 @@ def test_bench_data_reports_throughput_storage_and_startup(tmp_path):
     assert row["tokens"] == 200_000 and row["rows"] > 0 and row["read_row_ms"] > 0
 
 
+@pytest.mark.e2e
 def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
     def eval_json(run, lossless, mixing, outside=None, accept=None):
         phase = tmp_path / run / "1_tidar_midtrain"
@@ -104,6 +109,7 @@ def test_compare_seeds_flags_disjoint_tpf_intervals(tmp_path):
         in loops.stdout
 
 
+@pytest.mark.e2e
 def test_compare_seeds_says_whether_the_runs_converted_the_same_base(tmp_path):
     def base(name, payload):
         folder = tmp_path / name
@@ -130,6 +136,7 @@ def test_compare_seeds_says_whether_the_runs_converted_the_same_base(tmp_path):
     assert "bases: not recorded" in run("compare_seeds.py", a, e)
 
 
+@pytest.mark.e2e
 def test_alignment_table_reports_intervals_for_the_drafter_figures(tmp_path):
     def tpf(value, low, high):
         return {"tokens_per_forward": value, "low": low, "high": high}
@@ -195,6 +202,7 @@ def test_router_load_middle_windows_are_held_out_disjoint_and_past_the_head():
         middle_windows(tokenizer, 10 ** 6, 64, 0.005, seed=0)
 
 
+@pytest.mark.e2e
 def test_router_load_cli_reports_loads_and_a_paired_loss(tmp_path):
     from tiny import TINY_CONFIGS
 
@@ -226,6 +234,7 @@ def test_router_load_cli_reports_loads_and_a_paired_loss(tmp_path):
     assert bad.returncode == 2 and "--against compares held-out losses: give --loss-windows N too" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_bench_sdpa_mask_runs_every_form_in_fresh_processes(tmp_path):
     out = tmp_path / "mask.json"
     stdout = run("bench_sdpa_mask.py", "--seq-len", "64", "--repeats", "1", "--out", str(out))

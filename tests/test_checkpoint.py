@@ -89,6 +89,7 @@ def test_truncated_or_corrupted_checkpoint_is_skipped(tmp_path):
     assert load_checkpoint(_engine(seed=5), tmp_path) == {"tokens_seen": 24}
 
 
+@pytest.mark.e2e
 def test_killed_mid_save_is_never_picked_up_and_next_save_recovers(tmp_path):
     """A process that dies right after the first file of step 2's save leaves step 1 as the latest."""
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "ckpt_worker.py"), "crash-mid-save", str(tmp_path)],
@@ -169,6 +170,7 @@ def test_zero0_checkpoint_exports_the_module_weights(tmp_path):
     assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("stage", [1, 3])
 def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once_and_keeps_the_previous_checkpoint(fail_on_rank_1,
                                                                                                  stage):
@@ -193,14 +195,11 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once_and_keeps_the_pr
         assert r["after"] == 2
 
 
-@pytest.fixture(scope="module")
-def fail_on_rank_1(tmp_path_factory):
-    """One torchrun launch (2 gloo ranks) of ckpt_worker.py fail-on-rank-1, for ZeRO stages 1 and 3."""
-    from launch import failure_log, run_ranks
+RANK_JOBS = {"ckpt_fail": {}}  # for the rank_jobs fixture (tests/conftest.py)
 
-    out = tmp_path_factory.mktemp("fail-on-rank-1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ckpt_worker.py"), "fail-on-rank-1", str(out)]
-    proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=120)  # a hang would take the 10-minute timeout
-    assert proc.returncode == 0, failure_log(proc)
-    return out
+
+@pytest.fixture(scope="module")
+def fail_on_rank_1(rank_jobs):
+    """ckpt_worker.fail_on_rank_1 on 2 gloo ranks, for ZeRO stages 1 and 3, from the session's one 2-rank launch
+    (its timeout is well under the 10-minute process-group timeout that a hang would take)."""
+    return rank_jobs / "ckpt_fail"

@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
 from ar2diff.cli_errors import hydra_error_line
-from test_train import env
+from tiny import env
 
 HYDRA_NOISE = ("Traceback", "HYDRA_FULL_ERROR", "full_key:", "Config search path", "provider=")
 
@@ -25,6 +25,7 @@ def train(*args, ranks: int = 1) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override, expected", [
     ("trainer.nonexistent=1", "Could not override 'trainer.nonexistent': Key 'nonexistent' not in 'TrainerConfig'; "
                               "to append to your config use +trainer.nonexistent=1"),
@@ -42,6 +43,7 @@ def test_a_composition_error_is_one_line_naming_the_key(override, expected):
     assert not any(noise in proc.stdout + proc.stderr for noise in HYDRA_NOISE)
 
 
+@pytest.mark.dist
 def test_under_torchrun_the_error_is_printed_once_by_rank_0():
     proc = train("trainer.nonexistent=1", ranks=2)
     assert proc.returncode != 0
@@ -63,6 +65,7 @@ def test_override_parse_errors_name_the_override_and_the_place(override, expecte
     assert line.startswith(expected) and "\n" not in line
 
 
+@pytest.mark.e2e
 def test_a_user_set_hydra_full_error_keeps_hydras_traceback():
     proc = subprocess.run([sys.executable, "-m", "ar2diff.train", "recipe=quickstart", "trainer.nonexistent=1"],
                           env=dict(env(), HYDRA_FULL_ERROR="1"), capture_output=True, text=True, timeout=120)

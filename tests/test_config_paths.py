@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ar2diff.run_folder import resume_command, sweep_job_dirname
-from test_golden import OVERRIDES
+from tiny import GOLDEN_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = textwrap.dedent("""
@@ -41,13 +41,14 @@ def compose_in(cwd: Path, pythonpath: str, *overrides: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_recipe_composes_from_an_unrelated_working_directory(tmp_path):
     out = compose_in(tmp_path, str(REPO), *MIDTRAIN)
     assert out["conf"] == str(REPO / "conf")
     assert (out["name"], out["seq_len"], out["chunk"]) == ("tidar_midtrain", 32768, 4096)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_recipe_composes_from_an_installed_wheel(tmp_path):
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -71,6 +72,7 @@ def user_recipe_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_user_recipe_folder_joins_the_search_path(tmp_path):
     folder = user_recipe_folder(tmp_path / "mine")
     out = compose_in(tmp_path, str(REPO), f"hydra.searchpath=[file://{folder}]", "recipe=my_tiny")
@@ -79,11 +81,11 @@ def test_user_recipe_folder_joins_the_search_path(tmp_path):
     assert out["name"] == "tidar_midtrain"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_user_recipe_trains_and_its_run_folder_explains_itself(tmp_path):
     folder, run_dir = user_recipe_folder(tmp_path / "mine"), tmp_path / "run"
     args = [f"hydra.searchpath=[file://{folder}]", "recipe=my_tiny",
-            *[o for o in OVERRIDES if not o.startswith("budget.tokens")], f"data.cache_dir={tmp_path / 'cache'}",
+            *[o for o in GOLDEN_OVERRIDES if not o.startswith("budget.tokens")], f"data.cache_dir={tmp_path / 'cache'}",
             f"run_dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "ar2diff.train", *args], cwd=tmp_path, env=env(str(REPO)),
                           capture_output=True, text=True, timeout=300)
@@ -96,6 +98,7 @@ def test_user_recipe_trains_and_its_run_folder_explains_itself(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.e2e
 def test_help_lists_recipes_and_a_bare_run_explains_what_to_run(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "ar2diff.train", "--help"], cwd=tmp_path, env=env(str(REPO)),
                            capture_output=True, text=True, timeout=120)
@@ -117,6 +120,7 @@ def test_resume_command_and_sweep_job_names():
     assert sweep_job_dirname(["a=b/c"], ["a=b/c,d"]) == "a=b_c"
 
 
+@pytest.mark.e2e
 def test_hydra_flags_keep_their_values_when_overrides_move_behind_them(tmp_path):
     from ar2diff.train import split_flags
 

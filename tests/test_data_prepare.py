@@ -51,6 +51,7 @@ def _assert_same(a, b):
         assert a[split][1] == b[split][1], split
 
 
+@pytest.mark.dist
 def test_two_processes_and_two_shards_give_the_rows_of_one(setup, monkeypatch):
     cfg, tok, root = setup
     for path in (root / "jsonl", root / "jsonl" / "part0.jsonl"):  # 3 files: shards by file; 1 file: by record

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ar2diff.decode.ar import DecodeConfig, DecodeResult, acceptance_histogram, decode_ar, summarize
-from tiny import MASK_ID, TINY_CONFIGS, one_thread, tiny_model
+from tiny import MASK_ID, TINY_CONFIGS, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = sorted(TINY_CONFIGS)
 EOS = 2  # tiny configs' eos_token_id

@@ -67,6 +67,7 @@ def same(report_results, results):
         assert got["drafts"] == want.drafts and got["templates"] == want.templates
 
 
+@pytest.mark.e2e
 def test_json_output_matches_the_library(checkpoint):
     cmd = [sys.executable, "-m", "ar2diff.decode", "--checkpoint", str(checkpoint), "--prompt", PROMPTS[0],
            "--prompt", PROMPTS[1], "--sampler", "lossless", "--temperature", "1", "--seed", "3", "--levels", "0,2",
@@ -103,6 +104,7 @@ def test_prompts_file_and_plain_output(checkpoint, tmp_path, capsys):
     assert "=== prompt 0: 'w1 w2 w3'" in out and "=== prompt 1: 'w7'" in out and "tokens/forward" in out
 
 
+@pytest.mark.e2e
 def test_decoder_imports_no_deepspeed_or_trainer():
     code = ("import sys, ar2diff.decode.cli, ar2diff.decode.tidar, ar2diff.decode.ar; "
             "bad = [m for m in sys.modules if m.startswith(('deepspeed', 'ar2diff.trainer'))]; "

@@ -13,9 +13,10 @@ from ar2diff.decode.step_layout import build_step_layout
 from ar2diff.decode.tidar import TidarConfig, decode_tidar, step_forward
 from ar2diff.model import TidarLM, build_model
 from ar2diff.objective import TidarObjective
-from tiny import MASK_ID, TINY_CONFIGS, hf_mask_arg, one_thread, progressions, randomize, tiny_model
+from tiny import (MASK_ID, TINY_CONFIGS, chi_square, chi_square_critical, hf_mask_arg, make_prompts, progressions,
+                  randomize, tiny_model)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = sorted(TINY_CONFIGS)
 TRAIN_BLOCK = 4
@@ -37,12 +38,6 @@ def trained(arch: str) -> TidarLM:
         loss.backward()
         opt.step()
     return model.eval()
-
-
-def make_prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(5)
-    pattern = [row[:n] for row, n in zip(progressions(g, 3, 9).tolist(), (2, 5, 9))]
-    return pattern + [torch.randint(3, MASK_ID, (6,), generator=g).tolist()]
 
 
 def expected_schedule(accepted, block_size, levels, max_new_tokens):
@@ -259,23 +254,6 @@ def test_mixing_weight_trades_exactness_for_acceptance():
         assert all(r.accepted == r.drafts for r in results)  # w = 1: all accepted
         # block 4: one token from the first forward, then 3 drafts + 1 per forward
         assert all(r.forwards == 1 + math.ceil((n - 1) / TRAIN_BLOCK) for r in results)
-
-
-def chi_square_critical(df: int, z: float = 3.09) -> float:
-    """Upper 0.1% point of chi-square(df), Wilson-Hilferty approximation."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
-    """Pearson statistic and degrees of freedom, cells with expected count < min_expected pooled into one."""
-    total = counts.sum()
-    expected = probs * total
-    small = expected < min_expected
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    return stat, int(keep.sum()) - 1
 
 
 def test_sampled_lossless_has_the_ar_distribution_of_the_first_two_tokens():

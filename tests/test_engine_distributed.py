@@ -1,8 +1,9 @@
 """Distributed start-up, and real 2-rank engines (``torchrun --nproc_per_node 2``, gloo, CPU) against one rank.
 
-One torchrun launch runs all 2-rank configurations (ZeRO-2, ZeRO-3, AutoEP expert-parallel 2 on ZeRO-2 and on
-ZeRO-3 with the HF model inside a wrapper module, bf16 on ZeRO-1) one after another in the same ranks
-(``tests/dist_worker.py``): torchrun start-up is the cost, so it is paid once.
+All 2-rank configurations (ZeRO-2, ZeRO-3, AutoEP expert-parallel 2 on ZeRO-2 and on ZeRO-3 with the HF model
+inside a wrapper module, bf16 on ZeRO-1) run one after another in the same ranks (``tests/dist_worker.py``), in
+the session's one 2-rank launch (the ``rank_jobs`` fixture, tests/rank_jobs.py): torchrun start-up is the cost,
+so it is paid once.
 
 Why the trajectories must agree: every run sees the same global batch of 4 sequences per optimizer step, all
 tokens labelled, so the mean over ranks of the per-rank mean loss is the global mean loss and DeepSpeed's
@@ -16,20 +17,18 @@ orders of magnitude below rtol 1e-4 over 5 steps (measured: agreement to ~1e-7).
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from ar2diff.trainer.distributed import LAUNCHER_ENV, init_distributed, single_process_env
 
-REPO = Path(__file__).resolve().parents[1]
 EXTENSIONS_DIR = str(Path.home() / ".cache" / "ar2diff" / "torch_extensions")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
 
 
 import dist_worker as worker  # noqa: E402  (tests/ is on sys.path, like tiny.py)
-from launch import failure_log, run_ranks  # noqa: E402
+
 FP32 = {"precision": "fp32"}
 TWO_RANK_SPECS = [
     {"name": "zero2", "model": "llama", "engine": {**FP32, "zero_stage": 2, "micro_batch_size": 2}},
@@ -74,18 +73,13 @@ def test_init_distributed_single_process_is_idempotent():
     assert init_distributed() == first
 
 
+RANK_JOBS = {"dist": {"specs": TWO_RANK_SPECS}}  # for the rank_jobs fixture (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory) -> dict:
-    """Every TWO_RANK_SPECS run from one ``torchrun --nproc_per_node 2`` launch."""
-    out = tmp_path_factory.mktemp("dist") / "losses.json"
-    env = {key: value for key, value in os.environ.items()
-           if key not in LAUNCHER_ENV and not key.startswith("TORCHELASTIC")}
-    env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "dist_worker.py"), "--specs", json.dumps(TWO_RANK_SPECS), "--out", str(out)]
-    proc = run_ranks(command, cwd=REPO, env=env, timeout=600)
-    assert proc.returncode == 0, failure_log(proc)
-    return json.loads(out.read_text())
+def two_rank_runs(rank_jobs) -> dict:
+    """Every TWO_RANK_SPECS run, from the session's one ``torchrun --nproc_per_node 2`` launch."""
+    return json.loads((rank_jobs / "dist" / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +88,7 @@ def one_rank_runs() -> dict:
     return {spec["name"]: worker.run(spec) for spec in ONE_RANK_SPECS}
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_two_rank_zero_matches_one_rank(two_rank_runs, one_rank_runs, name):
     run, reference = two_rank_runs[name], one_rank_runs["dense"]
@@ -103,6 +98,7 @@ def test_two_rank_zero_matches_one_rank(two_rank_runs, one_rank_runs, name):
     assert run["lrs"] == pytest.approx(reference["lrs"], rel=1e-12)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["autoep2_zero2", "autoep2_zero3"])
 def test_autoep_matches_one_rank_without_ep(two_rank_runs, one_rank_runs, name):
     run, reference = two_rank_runs[name], one_rank_runs["moe"]
@@ -112,6 +108,7 @@ def test_autoep_matches_one_rank_without_ep(two_rank_runs, one_rank_runs, name):
     assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
 
 
+@pytest.mark.dist
 def test_autoep_outputs_the_router_aux_loss(two_rank_runs, one_rank_runs):
     # Rank 0 trains on chunk 0 every step, as does the reference's first micro-step (index 2 * step): with the
     # same weights the aux loss AutoEP's router reports must be HF's.
@@ -121,6 +118,7 @@ def test_autoep_outputs_the_router_aux_loss(two_rank_runs, one_rank_runs):
     assert all(value is None for value in two_rank_runs["zero2"]["aux_losses"])
 
 
+@pytest.mark.dist
 def test_bf16_tracks_fp32(two_rank_runs, one_rank_runs):
     # bf16 weights/activations with fp32 master weights: same curve within bf16 rounding (8 mantissa bits,
     # ~0.4% per op; measured <= 1.3% over 5 steps), and still learning.

@@ -18,49 +18,19 @@ from ar2diff.evaluation.heldout import read_heldout, select_prompts
 from ar2diff.evaluation.eval_json import write_eval
 from ar2diff.evaluation.phase_end import phase_end_eval
 from ar2diff.logging import RunLogger
-from ar2diff.model import TidarLM
-from ar2diff.objective import TidarObjective
-from tiny import MASK_ID, VOCAB, one_thread, progressions, tiny_model
+from tiny import EVAL_BLOCK, EVAL_SEQ, MASK_ID, Heldout, heldout, mask_word_tokenizer, trained_tidar
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401 (one_thread is the imported fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-BLOCK = 4
-S = 24
+BLOCK = EVAL_BLOCK
+S = EVAL_SEQ
 DCFG = DecoderEvalConfig(num_prompts=3, prompt_len=6, max_new_tokens=10, mix_weights=[0.5], seed=0,
                          quality=QualityEvalConfig(enabled=False))  # tests/test_phase_quality.py covers quality
 
 
-def heldout(n_rows: int = 6) -> dict[str, torch.Tensor]:
-    """Rows of two documents (16 + 6 tokens) and 2 padding slots; row 1's first document is only 4 tokens."""
-    ids = progressions(torch.Generator().manual_seed(9), n_rows, S)
-    doc = torch.tensor([0] * 16 + [1] * 6 + [-1] * 2, dtype=torch.int32).repeat(n_rows, 1)
-    doc[1] = torch.tensor([0] * 4 + [1] * 18 + [-1] * 2)
-    pos = torch.zeros_like(ids)
-    for r in range(n_rows):
-        for d in doc[r].unique().tolist():
-            where = doc[r] == d
-            pos[r, where] = torch.arange(int(where.sum())) if d >= 0 else 0
-    return {"input_ids": ids.masked_fill(doc < 0, 0), "doc_ids": doc, "position_ids": pos, "loss_mask": doc >= 0}
-
-
-@lru_cache(maxsize=None)
-def trained(arch: str) -> TidarObjective:
-    """40 TiDAR steps on progressions: enough that some drafts are accepted, so acceptance is exercised."""
-    torch.set_num_threads(1)
-    model = TidarObjective(TidarLM(tiny_model(arch).train(), MASK_ID, block_size=BLOCK))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        loss = model(progressions(g, 16, S)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @lru_cache(maxsize=None)
 def evaluated(arch: str) -> dict:
-    return evaluate_checkpoint(trained(arch), heldout(), DCFG, eos_id=None, heldout_batches=2, micro_batch=2)
+    return evaluate_checkpoint(trained_tidar(arch), heldout(), DCFG, eos_id=None, heldout_batches=2, micro_batch=2)
 
 
 def test_select_prompts_round_robin_skips_short_and_padding():
@@ -96,7 +66,7 @@ def test_read_heldout_reads_more_rows_until_prompts_are_found():
 
 @pytest.mark.parametrize("arch", ["llama", "zaya"])
 def test_heldout_losses_equal_a_direct_tidar_forward(arch):
-    result, model = evaluated(arch), trained(arch)
+    result, model = evaluated(arch), trained_tidar(arch)
     rows = {k: v[:4] for k, v in heldout().items()}  # heldout_batches * micro_batch rows
     with torch.no_grad():
         terms = model(rows["input_ids"], rows["doc_ids"], rows["position_ids"], rows["loss_mask"]).terms
@@ -151,8 +121,9 @@ def test_decoding_metrics(arch):
     assert all(v > 0 for v in q["nll_per_token"].values())
     assert q["nll_excess_over_ar"]["mixing_0.5"] == pytest.approx(q["nll_per_token"]["mixing_0.5"]
                                                                  - q["nll_per_token"]["ar"])
-    assert evaluated(arch)["samplers"]["lossless"]["acceptance_histogram"] == evaluate_checkpoint(
-        trained(arch), heldout(), DCFG, None, 2, 2)["samplers"]["lossless"]["acceptance_histogram"]  # deterministic
+    again = evaluate_checkpoint(trained_tidar(arch), heldout(), DCFG, None, 2, 2)
+    assert evaluated(arch)["samplers"]["lossless"]["acceptance_histogram"] == again["samplers"]["lossless"][
+        "acceptance_histogram"]  # deterministic
 
 
 class RecordingLogger:
@@ -212,29 +183,8 @@ def test_write_eval_plots_the_router_load_of_a_moe(tmp_path):
     assert metrics["router/max_load"] == max(m["max_load"] for m in result["router_load"].values())
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 4)] + ["[MASK]"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-class Heldout:
-    def __init__(self, rows):
-        self.data = rows
-
-    def __len__(self):
-        return len(self.data["input_ids"])
-
-    def rows(self, idx):
-        return {k: v[list(idx)] for k, v in self.data.items()}
-
-
 def test_phase_end_eval_on_an_export_folder(tmp_path):
-    model, tokenizer = trained("zaya"), word_tokenizer()
+    model, tokenizer = trained_tidar("zaya"), mask_word_tokenizer()
     export_dir, run_dir = tmp_path / "run" / "export", tmp_path / "run"
     export_model(model.lm, tokenizer, export_dir, {"mask_token_id": MASK_ID, "block_size": BLOCK,
                                                    "phase": "tidar_midtrain", "recipe": "test"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,25 +16,22 @@ from ar2diff.checkpoint.export_layout import export_model, is_complete_export, r
 from ar2diff.checkpoint.export_layout import EXPORT_MARKER_NAME, METADATA_NAME, ar2diff_version
 from ar2diff.checkpoint.export import export_checkpoint
 from ar2diff.export import main
-from launch import failure_log, run_ranks  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("ckpt_worker", Path(__file__).with_name("ckpt_worker.py"))
 W = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(W)
-REPO = Path(__file__).resolve().parents[1]
 CASES = [case[0] for case in W.EXPORT_CASES]
 TIED = {case[0]: case[3] for case in W.EXPORT_CASES}
 
 
+RANK_JOBS = {"ckpt_train": {}}  # for the rank_jobs fixture (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One torchrun launch (2 gloo ranks): a step-2 checkpoint per ZeRO case plus its expectations."""
-    out = tmp_path_factory.mktemp("trained")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ckpt_worker.py"), "train-and-save", str(out)]
-    proc = run_ranks(cmd, cwd=REPO, env=W.subprocess_env(), timeout=300)
-    assert proc.returncode == 0, failure_log(proc)
-    return out
+def trained(rank_jobs) -> Path:
+    """From the session's one 2-rank launch (ckpt_worker.train_and_save on 2 gloo ranks): a step-2 checkpoint per
+    ZeRO case plus its expectations."""
+    return rank_jobs / "ckpt_train"
 
 
 def _weight_keys(folder: Path) -> set[str]:
@@ -46,6 +42,7 @@ def _weight_keys(folder: Path) -> set[str]:
     return keys
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", CASES)
 def test_two_rank_resume_reproduces_losses(trained, case):
     """Written by the worker: on both ranks, the resumed engine's losses equal the original's."""
@@ -53,6 +50,7 @@ def test_two_rank_resume_reproduces_losses(trained, case):
     assert verdicts == [{"client": True, "losses": True}] * 2
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", CASES)
 def test_export_equals_training_weights_and_logits(trained, tmp_path, case):
     dest = tmp_path / "export"
@@ -79,6 +77,7 @@ def test_export_equals_training_weights_and_logits(trained, tmp_path, case):
         "source_checkpoint": str((trained / case / "step_00000002").resolve())}
 
 
+@pytest.mark.dist
 def test_sharded_bf16_export_from_tag_folder(trained, tmp_path):
     dest = export_checkpoint(trained / "z3_moe" / "step_00000002", tmp_path / "out", dtype="bfloat16",
                              max_shard_size="20KB", extra_metadata={"tokens_seen": 7, "note": "trainer's"})
@@ -94,6 +93,7 @@ def test_sharded_bf16_export_from_tag_folder(trained, tmp_path):
     assert all(torch.equal(params[k], v.to(torch.bfloat16)) for k, v in expected.items())
 
 
+@pytest.mark.dist
 def test_base_folder_replaces_missing_run_assets(trained, tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(trained / "z1_llama" / "step_00000002", root / "step_00000002")
@@ -103,6 +103,7 @@ def test_base_folder_replaces_missing_run_assets(trained, tmp_path):
     assert read_metadata(tmp_path / "b")["base_model"] == "tiny-from-config"
 
 
+@pytest.mark.dist
 def test_cli_errors_name_the_bad_path(trained, tmp_path, capsys):
     def error(*argv: str) -> str:
         assert main(list(argv)) == 2

@@ -46,10 +46,13 @@ def launch(out: Path, nproc: int, *cases: str) -> Path:
     return out
 
 
+RANK_JOBS = {"autoep": {"cases": list(W.CASES)}}  # for the rank_jobs fixture (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Every case of autoep_worker.CASES, from one 2-rank launch."""
-    return launch(tmp_path_factory.mktemp("autoep"), 2)
+def trained(rank_jobs) -> Path:
+    """Every case of autoep_worker.CASES on 2 ranks, from the session's one 2-rank launch."""
+    return rank_jobs / "autoep"
 
 
 def expected_transformers_weights(expected: dict) -> dict[str, torch.Tensor]:
@@ -85,6 +88,7 @@ def check_export(dest: Path, expected: dict, precision: str) -> None:
     torch.testing.assert_close(tidar.diff_logits, expected["diff_logits"], rtol=0, atol=1e-4)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", list(W.CASES))
 def test_export_equals_trained_autoep_model(trained, tmp_path, case):
     kind, _, precision = W.CASES[case]
@@ -97,7 +101,7 @@ def test_export_equals_trained_autoep_model(trained, tmp_path, case):
     assert {k: read_metadata(dest)[k] for k in ("step", "tokens_seen")} == {"step": W.STEPS, "tokens_seen": 96}
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_export_with_expert_data_parallel_groups(tmp_path):
     """4 ranks, expert-parallel size 2: each EP rank's experts are split over an expert-data-parallel group of
     2 ranks (ranks e and e + 2), which the 2-rank launch cannot show.
@@ -136,11 +140,13 @@ def hf_shapes(case: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+@pytest.mark.dist
 def test_unverified_architecture_is_refused(trained):
     with pytest.raises(ValueError, match=r"model_type='qwen2_moe' is not supported \(verified: qwen3_moe, mixtral\)"):
         consolidate_autoep_checkpoint(trained / "qwen3_moe_z2" / TAG, "qwen2_moe", hf_shapes("qwen3_moe_z2"))
 
 
+@pytest.mark.dist
 def test_expert_files_that_disagree_with_the_master_weights_are_refused(trained, tmp_path):
     folder = copy_step(trained, "qwen3_moe_z2", tmp_path)
     path = folder / "layer_1_expert_2_mp_rank_00_model_states.pt"
@@ -154,6 +160,7 @@ def test_expert_files_that_disagree_with_the_master_weights_are_refused(trained,
         consolidate_autoep_checkpoint(folder, "qwen3_moe", hf_shapes("qwen3_moe_z2"))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case, missing", [("qwen3_moe_z2", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
                                            ("qwen3_moe_z3", "zero_pp_rank_1_mp_rank_00_model_states.pt")])
 def test_a_missing_rank_file_is_named(trained, tmp_path, case, missing):
@@ -163,6 +170,7 @@ def test_a_missing_rank_file_is_named(trained, tmp_path, case, missing):
         consolidate_autoep_checkpoint(folder, "qwen3_moe", hf_shapes(case))
 
 
+@pytest.mark.dist
 def test_checkpoint_without_autoep_metadata_is_refused(trained, tmp_path):
     folder = copy_step(trained, "qwen3_moe_z2", tmp_path)
     path = folder / "mp_rank_00_model_states.pt"
@@ -173,6 +181,7 @@ def test_checkpoint_without_autoep_metadata_is_refused(trained, tmp_path):
         consolidate_autoep_checkpoint(folder, "qwen3_moe", hf_shapes("qwen3_moe_z2"))
 
 
+@pytest.mark.dist
 def test_consolidation_needs_the_model_for_expert_parallel_checkpoints(trained):
     with pytest.raises(ValueError, match=r"pass the transformers model built from its config"):
         consolidated_state_dict(resolve_checkpoint(trained / "qwen3_moe_z3"))

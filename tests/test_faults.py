@@ -52,6 +52,7 @@ def test_first_signal_sets_the_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+@pytest.mark.e2e
 def test_second_signal_exits_at_once():
     code = ("import os, signal, time\nfrom ar2diff.trainer.faults import StopSignal\n"
             "with StopSignal():\n    os.kill(os.getpid(), signal.SIGTERM)\n    print('first', flush=True)\n"
@@ -73,6 +74,7 @@ def _holder(run_dir):
     return proc
 
 
+@pytest.mark.e2e
 def test_second_job_on_a_locked_run_folder_is_refused_and_a_killed_owner_is_stale(tmp_path, caplog):
     proc = _holder(tmp_path)
     try:
@@ -89,6 +91,7 @@ def test_second_job_on_a_locked_run_folder_is_refused_and_a_killed_owner_is_stal
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_without_fcntl_a_dead_pid_or_another_boot_is_stale_and_another_host_is_not(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "fcntl", None)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -155,6 +158,7 @@ def _stop_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_all_ranks_stop_at_the_same_step_when_only_one_is_signalled(tmp_path):
     import torch.multiprocessing as mp
 

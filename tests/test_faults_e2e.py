@@ -4,8 +4,8 @@ a locked run folder, a changed config on resume, and a full disk."""
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from test_train import env, losses, run, train_cmd
+from tiny import env, losses, run, train_cmd
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 BUDGET = ["budget.tokens=2560", "trainer.ckpt_every=4"]  # 10 steps, checkpoints at 4, 8 and 10
 
 
@@ -25,10 +25,16 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference_dir(tmp_path_factory, cache):
+    """The uninterrupted run's folder (do not modify: copy it)."""
     run_dir = tmp_path_factory.mktemp("reference")
     run(train_cmd(run_dir, cache, *BUDGET))
-    return losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return losses(reference_dir)
 
 
 def error_lines(proc) -> list[str]:
@@ -54,8 +60,11 @@ def test_sigterm_mid_phase_checkpoints_exits_0_and_the_rerun_matches(tmp_path, c
     assert losses(tmp_path) == reference
 
 
-def test_corrupted_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(tmp_path, cache, reference):
-    run(train_cmd(tmp_path, cache, *BUDGET))
+def test_corrupted_newest_checkpoint_falls_back_and_matches_the_uninterrupted_run(tmp_path, cache, reference,
+                                                                                   reference_dir):
+    # a finished run of BUDGET: a copy of the uninterrupted run (the same command would write the same files; the
+    # run folder's path is not part of the resume check)
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
     newest = tmp_path / "checkpoints" / "step_00000010"
     optim = next(newest.glob("*optim_states.pt"))
     data = bytearray(optim.read_bytes())
@@ -108,16 +117,6 @@ def test_resume_with_a_changed_budget_is_refused_listing_the_difference(tmp_path
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
 PROGRESS = re.compile(r"%\||examples/s|\d+ examples \[")  # tqdm and `datasets` progress bars
 
 
@@ -166,6 +165,7 @@ def test_a_disk_filled_by_another_writer_while_wandb_runs_gives_one_line(small_d
     assert line.startswith(f"ar2diff.train: error: disk full while writing under {run_dir}"), line
 
 
+@pytest.mark.dist
 def test_disk_full_under_torchrun_is_one_line_from_rank_0_and_no_rank_waits(small_disk, cache):
     """Two ranks share the small disk: the save fails on one or both; both stop at once (not after the process-group
     timeout) and the user reads one line, from rank 0, naming the failed rank(s)."""

@@ -20,39 +20,27 @@ from pathlib import Path
 import pytest
 import torch
 
-GOLDEN = Path(__file__).parent / "golden" / "tiny_tidar_loss_curve.json"
-KEYS = ("train/loss", "train/loss_ar", "train/loss_diff", "train/loss_aux", "train/lr")
-OVERRIDES = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.moe_intermediate_size=64",
-             "model.config.max_position_embeddings=256", "data.seq_len=64", "data.sources.0.path=json/*",
-             "data.bpe_vocab_size=400", "data.bpe_max_bytes=300000", "objective.block_size=8",
-             "objective.mask_ratio=0.5", "budget.global_batch_size=4", "deepspeed.micro_batch_size=2",
-             "schedule.lr=1e-3", "schedule.min_lr=1e-4", "trainer.log_every=1", "logger=none",
-             "decoder.enabled=false", "budget.tokens=2048", "trainer.ckpt_every=100",
-             # recorded before ZAYA's router bias balancing existed (tests/test_router_balance.py covers it)
-             "router_balance.enabled=false"]  # 8 steps
+from tiny import GOLDEN, GOLDEN_KEYS, GOLDEN_OVERRIDES, env
 
 
 def _curve(run_dir: Path) -> list[dict]:
     history = json.loads((run_dir / "summary.json").read_text())["history"]
-    return [{"step": h["step"], **{k: h[k] for k in KEYS}} for h in history if "train/loss" in h]
+    return [{"step": h["step"], **{k: h[k] for k in GOLDEN_KEYS}} for h in history if "train/loss" in h]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tiny_tidar_run_reproduces_the_golden_loss_curve(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "ar2diff.train", *OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}",
+    cmd = [sys.executable, "-m", "ar2diff.train", *GOLDEN_OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}",
            f"run_dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     curve = _curve(tmp_path / "run")
     if os.environ.get("AR2DIFF_RECORD_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps({"overrides": OVERRIDES, "curve": curve}, indent=1) + "\n")
+        GOLDEN.write_text(json.dumps({"overrides": GOLDEN_OVERRIDES, "curve": curve}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
-    assert golden["overrides"] == OVERRIDES, "the recorded curve belongs to other overrides: re-record it"
+    assert golden["overrides"] == GOLDEN_OVERRIDES, "the recorded curve belongs to other overrides: re-record it"
     assert [row["step"] for row in curve] == [row["step"] for row in golden["curve"]] == list(range(1, 9))
-    for key in KEYS:
+    for key in GOLDEN_KEYS:
         torch.testing.assert_close(torch.tensor([row[key] for row in curve], dtype=torch.float64),
                                    torch.tensor([row[key] for row in golden["curve"]], dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

@@ -71,6 +71,7 @@ def run_script(tmp_path, hosts: list[str], script: Path = SCRIPT, extra_env=None
     return proc, log
 
 
+@pytest.mark.e2e
 def test_two_nodes_forward_every_setting_and_run_train_with_the_overrides(tmp_path):
     proc, log = run_script(tmp_path, ["localhost slots=1", "127.0.0.1 slots=1"],
                            extra_env={"SITE_SCRATCH": "/scratch/x", "FORWARD_ENV": "SITE_SCRATCH"})
@@ -93,7 +94,7 @@ def test_two_nodes_forward_every_setting_and_run_train_with_the_overrides(tmp_pa
     assert {line.split("=", 1)[0] for line in lines} == expected
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_variable_the_script_stops_forwarding_is_caught(tmp_path):
     text = SCRIPT.read_text()
     dropped = text.replace("RCCL_MSCCL_ENABLE TORCH_NCCL_ASYNC_ERROR_HANDLING", "RCCL_MSCCL_ENABLE")
@@ -106,7 +107,7 @@ def test_a_variable_the_script_stops_forwarding_is_caught(tmp_path):
     assert script_exports(dropped) - pdsh_exports(args).keys() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING"}
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_single_node_ranks_see_every_setting_and_the_overrides(tmp_path):
     proc, log = run_script(tmp_path, ["localhost slots=2"], stub_train=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,6 +120,7 @@ def test_single_node_ranks_see_every_setting_and_the_overrides(tmp_path):
     assert ranks[0]["argv"] == ranks[1]["argv"]  # the same run_dir on every rank
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_layout_and_refuses_a_hostfile_that_does_not_fit(tmp_path):
     hosts = [f"node-{i:02d} slots=8" for i in range(8)]
     user = ["recipe=tidar_midtrain"]  # the recipe's own global batch of 256 rows, no data path: a dry run reads none

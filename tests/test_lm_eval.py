@@ -13,10 +13,9 @@ pytest.importorskip("lm_eval")
 from ar2diff.checkpoint.export_layout import export_model# noqa: E402
 from ar2diff.evaluate import main  # noqa: E402
 from ar2diff.evaluation.lm_eval_model import Ar2diffLM, run_tasks  # noqa: E402
-from test_evaluate import word_tokenizer  # noqa: E402
-from tiny import MASK_ID, one_thread, tiny_model  # noqa: E402
+from tiny import MASK_ID, mask_word_tokenizer, tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHOICE_TASK = """task: toy_choice
 dataset_path: json
@@ -54,7 +53,7 @@ CONTEXTS = ["w3 w4 w5 w6", "w10 w20 w30", "w7 w7 w8 w9 w10"]
 def setup(tmp_path_factory):
     """A tiny llama export, and task folders whose expected scores are computed with the transformers model."""
     root = tmp_path_factory.mktemp("lm_eval")
-    tok, lm = word_tokenizer(), tiny_model("llama", seed=2)
+    tok, lm = mask_word_tokenizer(), tiny_model("llama", seed=2)
     export = root / "export"
     export_model(lm, tok, export, {"mask_token_id": MASK_ID, "block_size": 4, "phase": "tidar_midtrain"})
     ids = [tok(c, add_special_tokens=False)["input_ids"] for c in CONTEXTS]

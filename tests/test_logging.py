@@ -6,8 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_faults_e2e import small_disk  # noqa: F401  (a 6 MB tmpfs; skipped without root)
-from test_train import env
+import pytest
+
+from tiny import env
+
+pytestmark = pytest.mark.e2e
 
 FILL_THEN_LOG = """
 import logging, sys
@@ -34,13 +37,13 @@ def fill_then_log(disk, mode: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_wandb_on_a_full_disk_prints_nothing(small_disk):  # noqa: F811
+def test_wandb_on_a_full_disk_prints_nothing(small_disk):
     proc = fill_then_log(small_disk, "cli")
     assert proc.returncode == 0 and proc.stdout == "closed\n", proc.stderr[-3000:]
     assert proc.stderr == ""  # not one "--- Logging error ---" block, no OSError from W&B's finish
     assert (small_disk / "wandb").is_dir()  # W&B really ran with its files on the full disk
 
 
-def test_without_the_cli_logging_setup_the_same_run_floods_stderr(small_disk):  # noqa: F811
+def test_without_the_cli_logging_setup_the_same_run_floods_stderr(small_disk):
     proc = fill_then_log(small_disk, "plain")
     assert proc.stderr.count("--- Logging error ---") >= 1 and "No space left on device" in proc.stderr

@@ -2,18 +2,10 @@
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ar2diff.model import add_mask_token, build_model
-from tiny import TINY_CONFIGS
-
-
-def word_tokenizer(n_words: int) -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(n_words - 3)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+from tiny import TINY_CONFIGS, word_tokenizer
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("zaya", True), ("qwen3_moe", False)])

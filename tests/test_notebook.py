@@ -88,6 +88,7 @@ def has_image(nb, tag: str) -> bool:
     return any("image/png" in o.get("data", {}) for o in cell.outputs)
 
 
+@pytest.mark.e2e
 def test_notebook_runs_and_shows_the_runs(run_folders, monkeypatch):
     dirs, expected = run_folders
     monkeypatch.setenv(RUN_DIRS_ENV, os.pathsep.join(map(str, dirs)))

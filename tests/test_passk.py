@@ -14,10 +14,9 @@ from ar2diff.decode.tidar import TidarConfig
 from ar2diff.evaluation.passk import continuation_tasks, evaluate_passk, pass_at_k, passk_summary
 from ar2diff.model import TidarLM
 from ar2diff.objective import TidarObjective
-from test_evaluate import heldout
-from tiny import MASK_ID, one_thread, progressions, tiny_model
+from tiny import MASK_ID, heldout, progressions, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TARGET, SAMPLES, PROMPTS = 6, 8, 16
 

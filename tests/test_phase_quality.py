@@ -17,10 +17,9 @@ from ar2diff.evaluation.position import bucket_edges, bucket_losses, compare_buc
 from ar2diff.evaluation.report import pipeline_trajectory, trajectory_markdown, write_pipeline_quality
 from ar2diff.logging import RunLogger
 from ar2diff.model import TidarLM
-from test_evaluate import BLOCK, Heldout, heldout, trained, word_tokenizer
-from tiny import MASK_ID, one_thread, tiny_model
+from tiny import EVAL_BLOCK as BLOCK, MASK_ID, Heldout, heldout, mask_word_tokenizer, tiny_model, trained_tidar
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # noqa: F401
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bucket_edges_are_powers_of_two_up_to_seq_len():
@@ -41,7 +40,7 @@ def test_bucket_losses_by_hand_and_beyond_previous_flag():
 
 
 def test_token_nll_averages_to_the_heldout_ar_loss():
-    model, rows = trained("llama"), heldout()
+    model, rows = trained_tidar("llama"), heldout()
     nll, pos = token_nll(model.model, rows, micro_batch=2)
     assert nll.mean().item() == pytest.approx(heldout_losses(model, rows, 2)["loss_ar"], rel=1e-5)
     assert int(pos.min()) == 1 and int(pos.max()) == 17  # positions 1.. of each document (row 1: 18 tokens)
@@ -51,7 +50,7 @@ def test_token_nll_averages_to_the_heldout_ar_loss():
 def chain(tmp_path_factory):
     """base (AR, no mask token) -> start (a TiDAR midtrain export) -> end model (context extension)."""
     root = tmp_path_factory.mktemp("chain")
-    tok = word_tokenizer()
+    tok = mask_word_tokenizer()
     base_dir, start_dir = root / "0_ar_pretrain" / "export", root / "1_tidar_midtrain" / "export"
     export_model(tiny_model("llama", seed=3), tok, base_dir, {"mask_token_id": None, "block_size": 1,
                                                               "phase": "ar_pretrain", "base_model": "scratch"})
@@ -69,7 +68,7 @@ def test_original_base_follows_the_export_chain(chain):
 
 
 def test_phase_end_eval_reports_base_relative_passk_and_positions(chain, tmp_path):
-    end = trained("llama")
+    end = trained_tidar("llama")
     export_dir, run_dir = tmp_path / "run" / "export", tmp_path / "run"
     export_model(end.lm, chain["tok"], export_dir, {"mask_token_id": MASK_ID, "block_size": BLOCK,
                                                     "phase": "context_extension", "base_model": str(chain["start"])})

@@ -4,7 +4,7 @@ would) gets a checkpoint at that step boundary and no export; `on_batch` sees (a
 neither the stop nor the held-out evaluation moved the training numbers."""
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from test_golden import GOLDEN, KEYS, OVERRIDES
+from tiny import GOLDEN, GOLDEN_KEYS, GOLDEN_OVERRIDES, env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -33,23 +33,26 @@ SCRIPT = textwrap.dedent("""
             if state.step == self.step:
                 state.should_stop = True
 
-    run_dir, stop, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    cb = StopAt(stop)
-    result = run_phase(compose(overrides), run_dir, callbacks=[cb])
-    print("RESULT " + json.dumps({"batches": cb.batches, "ends": cb.ends,
-                                  "export_dir": None if result.export_dir is None else str(result.export_dir)}))
+    for run_dir, stop, overrides in json.loads(sys.argv[1]):  # one phase after another, in this process
+        cb = StopAt(stop)
+        result = run_phase(compose(overrides), run_dir, callbacks=[cb])
+        print("RESULT " + json.dumps({"batches": cb.batches, "ends": cb.ends,
+                                      "export_dir": None if result.export_dir is None else str(result.export_dir)}))
 """)
 
 
-def launch(run_dir: Path, stop: int, cache: Path, overrides=OVERRIDES) -> dict:
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-c", SCRIPT, str(run_dir), str(stop), *overrides, f"data.cache_dir={cache}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def launch_phases(*phases: tuple[Path, int, list[str]], cache: Path) -> list[dict]:
+    """One process runs each (run_dir, stop step, overrides) phase in turn; their callbacks' records."""
+    runs = [[str(run_dir), stop, [*overrides, f"data.cache_dir={cache}"]] for run_dir, stop, overrides in phases]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(runs)], env=env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+
+
+def launch(run_dir: Path, stop: int, cache: Path, overrides=GOLDEN_OVERRIDES) -> dict:
+    (result,) = launch_phases((run_dir, stop, overrides), cache=cache)
+    return result
 
 
 def test_stop_callback_checkpoints_then_rerun_resumes_to_the_golden_curve(tmp_path):
@@ -62,16 +65,16 @@ def test_stop_callback_checkpoints_then_rerun_resumes_to_the_golden_curve(tmp_pa
     second = launch(run_dir, 0, cache)
     assert second["ends"] == list(range(4, 9)) and second["export_dir"] == str(run_dir / "export")
     history = json.loads((run_dir / "summary.json").read_text())["history"]
-    train = [{"step": h["step"], **{k: h[k] for k in KEYS}} for h in history if "train/loss" in h]
+    train = [{"step": h["step"], **{k: h[k] for k in GOLDEN_KEYS}} for h in history if "train/loss" in h]
     assert train == json.loads(GOLDEN.read_text())["curve"]  # bit-exact on this machine
 
 
 def test_eval_every_logs_heldout_losses_without_moving_the_training_numbers(tmp_path):
     cache = tmp_path / "cache"
-    short = [o for o in OVERRIDES if not o.startswith("budget.tokens=")] + ["budget.tokens=1024",
+    short = [o for o in GOLDEN_OVERRIDES if not o.startswith("budget.tokens=")] + ["budget.tokens=1024",
                                                                             "data.heldout_fraction=0.3"]
-    launch(tmp_path / "plain", 0, cache, short)
-    launch(tmp_path / "eval", 0, cache, [*short, "trainer.eval_every=2"])
+    # both phases in one process (a launch less); each phase seeds and builds everything it trains
+    launch_phases((tmp_path / "plain", 0, short), (tmp_path / "eval", 0, [*short, "trainer.eval_every=2"]), cache=cache)
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["history"]
     evald = json.loads((tmp_path / "eval" / "summary.json").read_text())["history"]
     heldout = [h for h in evald if "heldout/loss" in h]
@@ -92,11 +95,9 @@ def test_a_checkpoint_written_before_the_package_layers_resumes_to_the_same_numb
     state_dict rewrite (router balancing on, so its controller's state is in the checkpoint);
     tests/data/legacy_curve.json is the same run uninterrupted, by that code. The current code resumes it and logs
     steps 4-8 bit for bit, and its own summary keeps the old run's first three steps."""
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(LEGACY / "legacy_run", run_dir)
-    overrides = [o for o in OVERRIDES if o != "router_balance.enabled=false"]
+    overrides = [o for o in GOLDEN_OVERRIDES if o != "router_balance.enabled=false"]
     resumed = launch(run_dir, 0, tmp_path / "cache", overrides)
     assert resumed["ends"] == list(range(4, 9)) and resumed["export_dir"] == str(run_dir / "export")
     want = json.loads((LEGACY / "legacy_curve.json").read_text())["curve"]
@@ -130,9 +131,8 @@ def test_a_stop_signal_after_the_last_step_stops_the_end_of_the_phase_and_the_re
     """`PhaseTrainer.finish` reads the stop signal between its steps: a SIGTERM after the last step skips the export
     (the phase is stopped, not done, and says so in summary.json); the re-run trains nothing and exports."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
-    cmd = [sys.executable, "-c", SIGNAL_AT_END, str(run_dir), *OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}"]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-c", SIGNAL_AT_END, str(run_dir), *GOLDEN_OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}"]
+    first = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and "RESULT stopped" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["steps"] == 8 and not (run_dir / "export").exists()

@@ -11,7 +11,7 @@ import pytest
 
 from ar2diff.config.compose import compose
 from ar2diff.preflight import check_phase_inputs, phase_complete
-from test_train import env
+from tiny import env
 
 
 def train(*args, timeout=300):
@@ -35,6 +35,7 @@ def inputs(tmp_path):
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_bad_chat_data_fails_before_phase_1_trains(inputs):
     run_dir = inputs / "run"
     proc = train("recipe=tidar_pipeline", f"run_dir={run_dir}", f"model.path={inputs / 'base'}",
@@ -46,6 +47,7 @@ def test_bad_chat_data_fails_before_phase_1_trains(inputs):
     assert not list(run_dir.glob("*_*/checkpoints"))  # nothing trained
 
 
+@pytest.mark.e2e
 def test_missing_chat_file_and_missing_inputs_name_the_key(inputs):
     proc = train("recipe=tidar_pipeline", f"run_dir={inputs / 'run'}", f"model.path={inputs / 'base'}",
                  f"inputs.pretrain_data={inputs / 'pretrain.jsonl'}", f"inputs.chat_data={inputs / 'nope.jsonl'}",

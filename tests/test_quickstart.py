@@ -10,9 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from test_train import env
+from tiny import env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SMALL = ["data.seq_len=64", "data.sources.0.path=json/*", "data.heldout_fraction=0.4", "data.bpe_vocab_size=400",
          "data.bpe_max_bytes=300000", "budget.tokens=2048", "decoder.num_prompts=2", "decoder.prompt_len=8",

@@ -6,8 +6,7 @@ import pytest
 from ar2diff.config.compose import compose
 from ar2diff.model.loading import make_config
 from ar2diff.model.rope import check_theta_raised, rope_thetas
-from tiny import TINY_CONFIGS
-from test_mask_token import word_tokenizer
+from tiny import TINY_CONFIGS, word_tokenizer
 
 
 def quickstart_phase(recipe: str):

@@ -5,7 +5,7 @@ import torch
 
 from ar2diff.config.router import RouterBalanceConfig
 from ar2diff.model.router_balance import LoadRecorder, RouterBalancer, biased_choice, load_metrics
-from tiny import one_thread, tiny_model  # noqa: F401
+from tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

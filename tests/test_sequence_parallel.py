@@ -1,46 +1,33 @@
 """TiDAR-aware Ulysses sequence parallelism (ar2diff.model.sequence_shard, ar2diff.model.zaya_halo,
 ar2diff.trainer.sequence_parallel).
 
-The distributed checks run in one `torchrun --nproc_per_node 2` launch of tests/sp_worker.py (gloo, CPU); that
-subprocess is also where DeepSpeed's `register_with_transformers` may change transformers' global attention table.
+The distributed checks run the modes of tests/sp_worker.py in the session's one `torchrun --nproc_per_node 2` launch
+(gloo, CPU; the `rank_jobs` fixture, tests/rank_jobs.py); that subprocess is also where DeepSpeed's
+`register_with_transformers` may change transformers' global attention table (its mode runs last).
 Batch: two packed rows of 16 tokens, block size 4, mask_ratio 0.5, a prompt without loss, padding, and a draft
 block [7, 11) straddling the shard edge at 8; activation checkpointing on; fp32.
 """
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ar2diff.model.layout import build_tidar_layout
 from ar2diff.model.sequence_shard import extended_prev, plan_shard
-from ar2diff.trainer.distributed import LAUNCHER_ENV
 from ar2diff.trainer.sequence_parallel import check_heads, loss_scale
 
-from launch import failure_log, run_ranks
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def launch(tmp_path, modes: str) -> dict:
-    out = tmp_path / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith("TORCHELASTIC")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "sp_worker.py"), "--modes", modes, "--out", str(out)]
-    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=600)
-    assert proc.returncode == 0, failure_log(proc)
-    return json.loads(out.read_text())
+RANK_JOBS = {"sp": {"modes": "model,engine,flex,stock"}}  # for the rank_jobs fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    return launch(tmp_path_factory.mktemp("sp"), "model,engine,stock")
+def two_ranks(rank_jobs) -> dict:
+    """The sp_worker modes' results, from the session's one 2-rank launch (stock ran last, as its own job)."""
+    results = json.loads((rank_jobs / "sp" / "results.json").read_text())
+    return {**results, "stock": json.loads((rank_jobs / "sp_stock" / "results.json").read_text())["stock"]}
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("arch", ["llama", "zaya", "qwen3_moe"])
 def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
     """The summed loss shares and gradients of SP=2 equal the unsharded TidarLM's (ZAYA: through the CCA halo;
@@ -54,6 +41,7 @@ def test_two_sp_ranks_equal_one_rank(two_ranks, arch):
         assert r["ref_aux"] > 0.5  # the balancing loss is really in the objective
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["llama/ar", "zaya/mix/5", "qwen3_moe/ar/3"])
 def test_two_sp_ranks_equal_one_rank_with_the_ar_diffusion_target(two_ranks, case):
     """objective.diff_target=ar|mix under SP (with and without loss chunking): the summed shares of the loss, of the
@@ -67,24 +55,27 @@ def test_two_sp_ranks_equal_one_rank_with_the_ar_diffusion_target(two_ranks, cas
     assert abs(r["ref_terms"]["loss_diff"] - r["ref_terms"]["loss_diff_data"]) > 1e-3  # the AR target is in the loss
 
 
+@pytest.mark.dist
 def test_aligned_target_needs_the_previous_ranks_row(two_ranks):
     """Negative control: with each rank's own row in place of the previous rank's the sharded loss is wrong."""
     assert abs(two_ranks["model"]["aligned_without_exchange_loss"] - two_ranks["model"]["llama/ar"]["ref_loss"]) > 1e-4
 
 
+@pytest.mark.dist
 def test_zaya_needs_the_halo(two_ranks):
     """Negative control: with the previous rank's halo replaced by zeros the sharded ZAYA loss is wrong."""
     assert abs(two_ranks["model"]["zaya_without_halo_loss"] - two_ranks["model"]["zaya"]["ref_loss"]) > 1e-3
 
 
-@pytest.mark.slow
-def test_flex_core_attention_forward(tmp_path):
+@pytest.mark.dist
+def test_flex_core_attention_forward(two_ranks):
     """With flex attention as the gathered attention, the TiDAR BlockMask over the gathered order gives the
     unsharded SDPA loss (forward only: torch 2.13 has no flex backward on CPU; slow: flex attention compiles)."""
-    r = launch(tmp_path, "flex")["flex"]
+    r = two_ranks["flex"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero2_no_rs", "zero3", "zero3_no_rs", "zero1_zaya",
                                   "zero2_qwen3_moe"])
 def test_engine_reduction_rule_is_measured_and_gradients_match(two_ranks, case):
@@ -98,6 +89,7 @@ def test_engine_reduction_rule_is_measured_and_gradients_match(two_ranks, case):
     assert max(r["grad_rel"].values()) < 1e-5
 
 
+@pytest.mark.dist
 def test_stock_deepspeed_hf_path_drops_the_tidar_mask(two_ranks):
     """Why ar2diff has its own wrapper: DeepSpeed's register_with_transformers replaces the mask by None, so a TiDAR
     mask gives exactly the plain causal output, far from the masked attention ar2diff's wrapper computes."""
@@ -127,6 +119,26 @@ def test_extended_prev_points_at_the_same_tokens_as_the_unsharded_index():
         want = layout.prev_BL[0, plan.local_idx]
         got = torch.where(prev >= 0, ext[prev.clamp(min=0)], -1)
         assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("arch, kwargs", [("llama", {}), ("qwen3_moe", {}), ("llama", {"diff_target": "ar"})],
+                         ids=["llama", "qwen3_moe", "llama/ar"])
+def test_a_one_rank_share_is_the_unsharded_loss(arch, kwargs):
+    """In-process (no ranks): the sharded objective over a sequence-parallel "group" of one rank computes the unsharded
+    TidarLM loss and terms (the 2-rank checks above need torchrun; ZAYA's halo needs a process group)."""
+    import sp_worker
+
+    from ar2diff.model.sequence_shard import SequenceParallel
+    from ar2diff.objective_sharded import sharded_tidar_loss
+
+    b = sp_worker.batch()
+    ref = sp_worker.tidar_model(arch, **kwargs)(**b, generator=torch.Generator().manual_seed(3))
+    one = SequenceParallel(group=None, rank=0, size=1)
+    out = sharded_tidar_loss(sp_worker.tidar_model(arch, **kwargs), one, b["input_ids"], b["doc_ids"],
+                             loss_mask=b["loss_mask"], generator=torch.Generator().manual_seed(3))
+    assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    for key, value in ref.terms.log_dict().items():
+        assert out.terms.log_dict()[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
 def test_named_errors():
@@ -160,14 +172,14 @@ def test_loss_scale_rule():
     assert loss_scale(3, False, 4) == 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     """The phase trainer with deepspeed.sequence_parallel_size=2 on 2 ranks (tiny ZAYA, ZeRO-1, activation
     checkpointing, mask_ratio 0.5, the mixed diffusion target) logs the one-rank run's losses (same global
     micro-batches), and a run resumed from its step-3 checkpoint logs exactly the uninterrupted run's losses."""
     import shutil
 
-    from test_train import losses, run, train_cmd
+    from tiny import losses, run, train_cmd
 
     cache = tmp_path / "cache"
     budget = ["budget.tokens=1536", "trainer.ckpt_every=3", "deepspeed.activation_checkpointing=true",
@@ -188,10 +200,11 @@ def test_trainer_sp2_matches_one_rank_and_resumes_exactly(tmp_path):
     assert losses(resumed) == sp  # bit-exact
 
 
+@pytest.mark.dist
 def test_trainer_sp2_with_two_data_parallel_groups_matches_one_rank(tmp_path):
     """4 ranks = 2 sequence-parallel groups of 2 (SP=2 x DP=2, ZeRO-1, the AR diffusion target) log the one-rank
     run's losses: each group takes its own rows of the global batch, and the gradients are reduced across groups."""
-    from test_train import losses, run, train_cmd
+    from tiny import losses, run, train_cmd
 
     cache = tmp_path / "cache"
     budget = ["budget.tokens=1024", "deepspeed.activation_checkpointing=true", "objective.diff_target=ar"]  # 4 steps

@@ -7,8 +7,7 @@ from ar2diff.config.compose import compose
 from ar2diff.model.loading import make_config
 from ar2diff.data.tokenizer import resolve_tokenizer
 from ar2diff.trainer.setup import apply_rope_overrides, build_phase_model
-from tiny import TINY_CONFIGS
-from test_mask_token import word_tokenizer
+from tiny import TINY_CONFIGS, word_tokenizer
 
 
 @pytest.mark.parametrize("arch", ["zaya", "llama"])

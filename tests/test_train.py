@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,41 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch import failure_log, run_ranks
-
-pytestmark = pytest.mark.slow
-
-TINY = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.moe_intermediate_size=64",
-        "model.config.max_position_embeddings=256", "data.seq_len=64", "data.sources.0.path=json/*",
-        "data.bpe_vocab_size=400", "data.bpe_max_bytes=300000", "objective.block_size=8", "objective.mask_ratio=0.5",
-        "budget.global_batch_size=4", "deepspeed.micro_batch_size=2", "schedule.lr=1e-3", "schedule.min_lr=1e-4",
-        "trainer.log_every=1", "logger=none", "decoder.enabled=false"]
+from tiny import env, losses, run, train_cmd
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data-cache")
-
-
-def env():
-    e = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0")
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ar2diff" / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
-def train_cmd(run_dir, cache, *extra, ranks=1):
-    launcher = [sys.executable, "-m", "ar2diff.train"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
-        "ar2diff.train"]
-    return [*launcher, *TINY, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]
-
-
-def run(cmd, timeout=300):
-    proc = run_ranks(cmd, env=env(), timeout=timeout)
-    assert proc.returncode == 0, failure_log(proc)
-    return proc
 
 
 def router_biases(run_dir) -> dict[str, torch.Tensor]:
@@ -57,12 +27,7 @@ def router_biases(run_dir) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if k.endswith("balancing_biases")}
 
 
-def losses(run_dir):
-    history = json.loads((Path(run_dir) / "summary.json").read_text())["history"]
-    return [(h["step"], h["train/loss"], h["train/loss_ar"], h["train/loss_diff"]) for h in history
-            if "train/loss" in h]
-
-
+@pytest.mark.e2e
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     budget = ["budget.tokens=5120", "trainer.ckpt_every=4"]  # 20 steps
     run(train_cmd(tmp_path / "ref", cache, *budget))
@@ -98,34 +63,54 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, cache):
     assert export["step"] == 20 and export["tokens_seen"] == 5120 and export["phase"] == "tidar_midtrain"
 
 
+RANKS_BUDGET = ["budget.tokens=1536", "trainer.ckpt_every=100"]  # 6 steps
+
+
+@pytest.fixture(scope="module")
+def zero_sweeps(tmp_path_factory, cache) -> Path:
+    """ZeRO-2 and ZeRO-3 on 1 rank (micro 2 x accumulation 2) and on 2 ranks (micro 2 x 1): one Hydra sweep per world
+    size, so 2 launches instead of 4 (a job of a sweep logs and exports exactly what its own launch does)."""
+    root = tmp_path_factory.mktemp("zero")
+    for name, ranks in (("one", 1), ("two", 2)):
+        run(train_cmd(root / name, cache, *RANKS_BUDGET, "deepspeed.zero_stage=2,3", ranks=ranks, multirun=True))
+    return root
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("setting", [
     ["deepspeed.zero_stage=2"],
     ["deepspeed.zero_stage=3"],
     # AutoEP expert parallelism (2 ranks hold 2 experts each) on Qwen3-MoE, router balancing loss included
     ["model=tiny_qwen3_moe", "deepspeed.zero_stage=2", "deepspeed.expert_parallel_size=2"],
 ], ids=["zero2", "zero3", "autoep2_zero2"])
-def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, setting):
-    budget = ["budget.tokens=1536", "trainer.ckpt_every=100", *setting]  # 6 steps
-    one_rank = [o for o in budget if not o.startswith("deepspeed.expert_parallel_size")]
-    run(train_cmd(tmp_path / "one", cache, *one_rank))  # 1 rank: micro 2 x accumulation 2, no expert parallel
-    run(train_cmd(tmp_path / "two", cache, *budget, ranks=2))  # 2 ranks: micro 2 x 1
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, cache, setting, request):
+    if len(setting) == 1:  # a ZeRO stage: its job of the module's two sweeps
+        sweeps = request.getfixturevalue("zero_sweeps")
+        one_dir, two_dir = sweeps / "one" / setting[0], sweeps / "two" / setting[0]
+    else:
+        budget = [*RANKS_BUDGET, *setting]
+        one_rank = [o for o in budget if not o.startswith("deepspeed.expert_parallel_size")]
+        one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+        run(train_cmd(one_dir, cache, *one_rank))  # 1 rank: micro 2 x accumulation 2, no expert parallel
+        run(train_cmd(two_dir, cache, *budget, ranks=2))  # 2 ranks: micro 2 x 1
+    one, two = losses(one_dir), losses(two_dir)
     assert [s for s, *_ in one] == [s for s, *_ in two] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor([v[1:] for v in two]), torch.tensor([v[1:] for v in one]),
                                rtol=1e-4, atol=1e-5)
     assert one[-1][1] < one[0][1]  # it learns
     from transformers import AutoModelForCausalLM
 
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "export")
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "export")
+    a = AutoModelForCausalLM.from_pretrained(one_dir / "export")
+    b = AutoModelForCausalLM.from_pretrained(two_dir / "export")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=name)
-    one_b, two_b = router_biases(tmp_path / "one"), router_biases(tmp_path / "two")
+    one_b, two_b = router_biases(one_dir), router_biases(two_dir)
     assert one_b.keys() == two_b.keys()  # ZAYA: counts summed over ranks give the same bias updates (ZeRO-3 too)
     for k, v in one_b.items():
         torch.testing.assert_close(two_b[k], v, rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.e2e
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path, cache):
     run_dir = tmp_path / "sweep"
     cmd = train_cmd(run_dir, cache, "budget.tokens=512", "trainer.ckpt_every=100")
