@@ -129,7 +129,7 @@ def test_a_one_rank_share_is_the_unsharded_loss(arch, kwargs):
     import sp_worker
 
     from ar2diff.model.sequence_shard import SequenceParallel
-    from ar2diff.objective_sharded import sharded_tidar_loss
+    from ar2diff.objective.sharded import sharded_tidar_loss
 
     b = sp_worker.batch()
     ref = sp_worker.tidar_model(arch, **kwargs)(**b, generator=torch.Generator().manual_seed(3))
