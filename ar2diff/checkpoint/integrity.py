@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 
 from ar2diff.checkpoint.coordination import all_gather_object, run_on_rank0
-from ar2diff.checkpoint.manifest import MARKER_NAME, CheckpointRef, check_manifest, sha256_file, step_dirs
+from ar2diff.checkpoint.manifest import MARKER_NAME, CheckpointRef, check_manifest, step_dirs
+from ar2diff.fs import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ folder; half-written saves (``.partial``, or no marker) are never used. The save
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from ar2diff.fs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ def list_files(folder: Path) -> list[str]:
     """Relative paths of every file under ``folder`` except the marker, sorted."""
     out = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     return sorted(name for name in out if name != MARKER_NAME)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_manifest(tag_dir: Path, verify: Verify = "size") -> tuple[dict | None, str]:

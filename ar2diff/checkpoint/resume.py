@@ -46,12 +46,11 @@ from ar2diff.checkpoint.manifest import (  # noqa: F401 (re-exported)
     find_latest_complete,
     list_files,
     resolve_checkpoint,
-    sha256_file,
     step_dirs,
     step_tag,
 )
 from ar2diff.checkpoint.save_failure import agreed_save_error, describe_failure
-from ar2diff.fs import write_json_atomic, write_text_atomic
+from ar2diff.fs import sha256_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
