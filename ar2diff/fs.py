@@ -49,13 +49,16 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
         if tmp.exists():
             tmp.unlink()
 
+
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = False) -> None:
     with atomic_path(path, fsync) as tmp:
         tmp.write_text(text)
 
+
 def write_json_atomic(path: str | os.PathLike, data: Any, fsync: bool = False, sort_keys: bool = False) -> None:
     """JSON (indented; values JSON cannot hold are written as str) to `path`, atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, default=str, sort_keys=sort_keys), fsync)
+
 
 @contextmanager
 def atomic_folder(dest: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
@@ -95,8 +98,10 @@ def make_world_readable(folder: str | os.PathLike) -> None:
 
 # ------------------------------------------------------------------------------------------ disk full
 
+
 class DiskFull(OSError):
     """A save ran out of disk space; the previous checkpoint is untouched."""
+
 
 def is_disk_full(err: BaseException, folder: str | Path | None = None, min_free: int = 1 << 20) -> bool:
     """ENOSPC/EDQUOT, or torch.save's stream error on a filesystem with (almost) no space left."""
@@ -113,14 +118,17 @@ def is_disk_full(err: BaseException, folder: str | Path | None = None, min_free:
             return False
     return False
 
+
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
+
 def free_bytes(path: str | Path) -> int:
     """Free space on the filesystem holding `path` (or its nearest existing parent)."""
     return shutil.disk_usage(_existing(Path(path))).free
+
 
 def disk_full_error(folder: str | Path, previous: str | None, ranks: list[int] | None = None,
                     free: int | None = None) -> DiskFull:
@@ -131,6 +139,7 @@ def disk_full_error(folder: str | Path, previous: str | None, ranks: list[int] |
     keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return DiskFull(errno.ENOSPC, f"disk full{on} while saving {folder} ({free:,} bytes free); {keep}. Free space "
                     "(or lower trainer.keep_last) and re-run the same command to resume")
+
 
 def disk_full_while_writing(path: str | Path | None, under: bool = False) -> DiskFull:
     """The one-line error for a write outside a checkpoint save that ran out of space (`under`: `path` is the

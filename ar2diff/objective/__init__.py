@@ -2,15 +2,15 @@
 which imports only the pure functions) and `TidarObjective`, the module DeepSpeed wraps (`module`)."""
 
 from ar2diff.objective.losses import (
-                                      DiffTarget,
-                                      LossTerms,
-                                      TidarOutput,
-                                      aligned_ce,
-                                      ar_loss,
-                                      ar_targets,
-                                      diff_targets,
-                                      teacher_rows,
-                                      tidar_loss,
+    DiffTarget,
+    LossTerms,
+    TidarOutput,
+    aligned_ce,
+    ar_loss,
+    ar_targets,
+    diff_targets,
+    teacher_rows,
+    tidar_loss,
 )
 from ar2diff.objective.module import TidarObjective
 

@@ -7,9 +7,9 @@ against the clean token at its own position. Both are means over the positions t
 its target token is real (not padding), in the same document (AR never predicts across a document boundary), and
 inside the loss mask (SFT: responses only). A term with no counted position is 0, not NaN.
 
-`TidarObjective` is the module DeepSpeed wraps: a `TidarLM` (the model adapter) plus these losses, the draft-mask
-sampling, loss chunking and the router balancing term. The model computes hidden states; the objective decides what
-they are scored against.
+These are pure functions of logits or hidden states: `ar2diff.objective.module.TidarObjective` (what DeepSpeed
+wraps) and `ar2diff.objective.sharded` (a rank's share under sequence parallelism) both assemble the loss with
+`hybrid_terms`. The model computes hidden states; the objective decides what they are scored against.
 
 Drafter-verifier alignment (`DiffTarget`, config `objective.diff_target`): lossless acceptance is min(1, p/q), so
 the drafter q should match the verifier p, not only the data. The AR distribution for the very token a mask at

@@ -147,9 +147,10 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, schedule_cfg: Schedu
     cfg.validate(ctx.world_size)
     schedule_cfg.validate(total_steps)
     on_cpu = get_accelerator().device_name() == "cpu"
-    if on_cpu and cfg.precision == "bf16" and not cpu_bf16()[0]:
-        warnings.warn(f"deepspeed.precision='bf16' on this CPU runs slowly ({cpu_bf16()[1]}); use 'fp32'",
-                      stacklevel=2)
+    if on_cpu and cfg.precision == "bf16":
+        fast, why = cpu_bf16()
+        if not fast:
+            warnings.warn(f"deepspeed.precision='bf16' on this CPU runs slowly ({why}); use 'fp32'", stacklevel=2)
     if cfg.activation_checkpointing:
         _, hf_model = find_hf_model(model)
         if hf_model is None:

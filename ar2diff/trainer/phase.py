@@ -83,8 +83,8 @@ def prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: in
 class PhaseTrainer:
     """Train one phase into `run_dir` (checkpoints/, export/, summary.json; eval.json from the decoder check).
 
-    `callbacks` are added to the built-ins (`default_callbacks`); `decoder_check` installs the phase-end decoder
-    check callback."""
+    `callbacks` are added to the built-ins (`default_callbacks`); `decoder_check` runs the decoder check on the
+    export in `finish`."""
 
     def __init__(self, cfg: PhaseConfig, run_dir: str | Path, group: str | None = None,
                  callbacks: list[Callback] = (), decoder_check: bool = False, reference_data=None):
