@@ -159,3 +159,17 @@ def test_stdlib_chat_records_are_functions_with_their_docstrings(tmp_path):
     assert assistant["content"].startswith("def dumps(") and "Serialize ``obj``" in user["content"]
     with pytest.raises(ValueError, match="kind=stdlib_chat yields chat records"):
         DataConfig(sources=[src], chat=False).validate()
+
+
+def test_stdlib_docs_is_the_library_reference_prose_and_stdlib_leaves_it_out(cache):
+    from pydoc_data.topics import topics
+
+    assert not any(r.startswith("pydoc_data/") for r in stdlib_files())  # the code corpus never trains on it
+    cfg = _cfg(cache, [SourceConfig(kind="stdlib_docs", path="a*")])
+    ds = read_records(cfg.sources[0], cfg)
+    names = sorted(t for t in topics if t.startswith("a"))
+    assert ds["key"] == [f"pydoc_data/topics.py:{t}" for t in names] and ds["text"] == [topics[t] for t in names]
+    with pytest.raises(ValueError, match="matches no topic"):
+        read_records(SourceConfig(kind="stdlib_docs", path="no-such-topic*"), cfg)
+    with pytest.raises(ValueError, match="kind=stdlib_docs has no chat messages"):
+        DataConfig(sources=[SourceConfig(kind="stdlib_docs")], chat=True).validate()

@@ -12,7 +12,7 @@ from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.schema import DecoderEvalConfig, PhaseConfig
 from ar2diff.evaluation.heldout import heldout_losses
 from ar2diff.evaluation.phase_end import phase_end_eval
-from ar2diff.evaluation.base_relative import load_as_was, original_base
+from ar2diff.evaluation.base_relative import load_as_was, original_base, paired_delta
 from ar2diff.evaluation.position import bucket_edges, bucket_losses, compare_buckets, token_nll
 from ar2diff.evaluation.report import pipeline_trajectory, trajectory_markdown, write_pipeline_quality
 from ar2diff.logging import RunLogger
@@ -95,6 +95,9 @@ def test_phase_end_eval_reports_base_relative_passk_and_positions(chain, tmp_pat
     assert pre["delta_vs_start"]["loss_diff"] == pytest.approx(
         direct["end"]["loss_diff"] - direct["start"]["loss_diff"], rel=1e-5)
     assert pre["delta_vs_base"]["loss_ar"] < 0  # trained on progressions vs a random base
+    paired = pre["paired_vs_base"]  # per row, paired: the same delta, and an interval that excludes 0 here
+    assert paired["loss_ar"] == pytest.approx(pre["delta_vs_base"]["loss_ar"], rel=1e-5)
+    assert paired["low"] <= paired["loss_ar"] <= paired["high"] < 0 and paired["confidence"] == 0.95
     assert result["quality_base"] == str(chain["base"])
 
     pk = result["passk"]
@@ -136,3 +139,16 @@ def test_trajectory_orders_base_then_phases_and_keeps_the_chat_set():
     assert [round(r["delta_ar"], 6) for r in traj["rows"]] == [0.0, -0.5, -0.6, -0.4]
     assert "chat" in traj["rows"][3] and math.isclose(traj["rows"][3]["chat"]["end"]["loss_ar"], 2.6)
     assert "| diffusion_sft | 2.600 | 3.600 | -0.400 | -0.100 |" in trajectory_markdown(traj)
+
+
+def test_paired_delta_resamples_rows_for_both_models_at_once():
+    import numpy as np
+
+    tokens = np.array([10, 20, 30, 40])
+    other = np.array([25.0, 40.0, 90.0, 100.0])
+    same_shift = paired_delta((other - tokens * 0.5, tokens), (other, tokens))  # every row 0.5 nats/token better
+    assert same_shift["loss_ar"] == pytest.approx(-0.5)
+    assert same_shift["low"] == pytest.approx(-0.5) and same_shift["high"] == pytest.approx(-0.5)  # paired: no noise
+    mixed = paired_delta((other + np.array([5.0, -10.0, 3.0, -2.0]), tokens), (other, tokens))
+    assert mixed["loss_ar"] == pytest.approx(-4.0 / 100)
+    assert mixed["low"] < mixed["loss_ar"] < mixed["high"]

@@ -5,7 +5,7 @@ start-up and raises ValueError naming the bad key and how to fix it.
 """
 from dataclasses import dataclass, field
 
-SOURCE_KINDS = ("stdlib", "stdlib_chat", "files", "hub", "tokens", "megatron")
+SOURCE_KINDS = ("stdlib", "stdlib_chat", "stdlib_docs", "files", "hub", "tokens", "megatron")
 TOKEN_KINDS = ("tokens", "megatron")  # already tokenized: read memory-mapped, never re-tokenized
 TOKEN_DTYPES = ("auto", "uint16", "uint32", "int32")
 FORMATS = ("jsonl", "parquet", "text", "auto")
@@ -21,6 +21,8 @@ class SourceConfig:
     kind="files": local files; `path` is a file, a directory (every file in it) or a glob.
     kind="stdlib_chat": chat records made from the stdlib's documented functions (data/stdlib_chat.py): the
         quickstart's SFT data; needs data.chat=true. `path` filters files as for stdlib.
+    kind="stdlib_docs": the library reference's topics (`pydoc_data.topics`: English prose, one document per
+        topic), which kind=stdlib leaves out: an out-of-domain held-out set for a code run. `path` filters topics.
     kind="hub": a Hugging Face hub dataset name loaded with `datasets.load_dataset(path, split=split)`.
     kind="tokens": flat token files (`.npy`, or raw `.bin` with `dtype`), a file or glob; documents end at
         each `eos_id` (the OLMo/nanoGPT convention), or are given by `offsets_path` (one file only: an int64
@@ -96,7 +98,7 @@ class DataConfig:
             raise ValueError("data.sources is empty: list at least one source (e.g. kind: stdlib)")
         names = []
         for i, src in enumerate(self.sources):
-            _validate_source(src, f"data.sources[{i}]", self.chat)
+            validate_source(src, f"data.sources[{i}]", self.chat)
             names.append(src.display_name())
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -124,7 +126,8 @@ class DataConfig:
         return self
 
 
-def _validate_source(src: SourceConfig, key: str, chat: bool) -> None:
+def validate_source(src: SourceConfig, key: str, chat: bool) -> None:
+    """Raise ValueError naming `key` (e.g. "data.sources[0]") and the first bad field of one source."""
     if src.kind not in SOURCE_KINDS:
         raise ValueError(f"{key}.kind={src.kind!r} must be one of {SOURCE_KINDS}")
     if src.format not in FORMATS:
@@ -153,7 +156,7 @@ def _validate_source(src: SourceConfig, key: str, chat: bool) -> None:
         raise ValueError(f"{key}.max_docs={src.max_docs} must be >= 1 or null")
     if src.kind == "stdlib_chat" and not chat:
         raise ValueError(f"{key}.kind=stdlib_chat yields chat records; set data.chat=true")
-    if chat and src.kind == "stdlib":
-        raise ValueError(f"{key}.kind=stdlib has no chat messages but data.chat=true; use kind files/hub")
+    if chat and src.kind in ("stdlib", "stdlib_docs"):
+        raise ValueError(f"{key}.kind={src.kind} has no chat messages but data.chat=true; use kind files/hub")
     if chat and src.format == "text":
         raise ValueError(f"{key}.format=text has no chat messages but data.chat=true; use jsonl/parquet")

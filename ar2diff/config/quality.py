@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ar2diff.config.data import SourceConfig, validate_source
+
 
 @dataclass
 class QualityEvalConfig:
@@ -15,6 +17,9 @@ class QualityEvalConfig:
     passk_*: `passk_prompts` prompts of decoder.prompt_len tokens, target = the next `target_len` tokens,
     `passk_samples` samples per prompt and sampler at `passk_temperature`, pass@k for k in `passk_k`, intervals at
     `confidence`. position_buckets: after context_extension, AR loss by position for start and end checkpoints.
+    out_of_domain: text sources the run never trains on (e.g. [{kind: stdlib_docs}], English prose for a code
+    run), scored like the pretraining set (`reference_rows` rows of their held-out half), so that forgetting
+    outside the training domain shows; every AR-loss delta gets a paired interval over rows.
     """
 
     enabled: bool = True
@@ -28,6 +33,7 @@ class QualityEvalConfig:
     target_len: int = 4
     confidence: float = 0.95
     position_buckets: bool = True
+    out_of_domain: list[SourceConfig] = field(default_factory=list)
 
     def validate(self, seq_len: int, prompt_len: int) -> None:
         if min(self.passk_samples, self.passk_prompts, self.target_len, self.reference_rows) < 1:
@@ -41,6 +47,8 @@ class QualityEvalConfig:
                              "needs distinct samples)")
         if not 0 < self.confidence < 1:
             raise ValueError(f"decoder.quality.confidence={self.confidence} must lie in (0, 1)")
+        for i, src in enumerate(self.out_of_domain):
+            validate_source(src, f"decoder.quality.out_of_domain[{i}]", chat=False)
         if prompt_len + self.target_len > seq_len:
             raise ValueError(f"decoder.prompt_len + decoder.quality.target_len = {prompt_len + self.target_len} "
                              f"exceeds data.seq_len={seq_len}")

@@ -69,6 +69,9 @@ class TrainerConfig:
     heldout_batches: int = 4  # held-out loss at phase end, in micro batches
     peak_flops: float | None = None  # per device, for MFU; None = unknown (MFU not logged)
     eval_every: int = 0  # optimizer steps between held-out AR + diffusion losses during the phase; 0 = phase end only
+    # optimizer steps between intermediate exports (run_dir/exports/step_<N>, each with a light check when the
+    # decoder check is on: ar2diff.evaluation.light_check); 0 = only the phase-end export
+    export_every: int = 0
     progress_bar: bool = True  # rank-0 tqdm bar (step, tokens, loss, tokens/s, ETA)
     max_nonfinite_skips: int = 0  # steps with a non-finite loss/grad norm the optimizer dropped that may be skipped
     allow_config_change: bool = False  # resume even if the config changes schedule/data (differences are listed)
@@ -89,6 +92,7 @@ class DecoderEvalConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    light_prompts: int = 8  # greedy prompts of the light check of each intermediate export (trainer.export_every)
     quality: QualityEvalConfig = field(default_factory=QualityEvalConfig)  # base-relative losses, pass@k, positions
 
 
@@ -175,6 +179,8 @@ class PhaseConfig:
         for key in ("log_every", "ckpt_every", "keep_last"):
             if getattr(t, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+        if t.export_every < 0:
+            raise ValueError(f"trainer.export_every={t.export_every} must be >= 0 (0: no intermediate exports)")
         if t.max_nonfinite_skips < 0:
             raise ValueError(f"trainer.max_nonfinite_skips={t.max_nonfinite_skips} must be >= 0")
         if self.logger.mode not in ("offline", "online", "disabled"):
@@ -183,8 +189,9 @@ class PhaseConfig:
         if d.enabled and o.kind == "tidar":
             if any(not 0.0 <= w <= 1.0 for w in d.mix_weights):
                 raise ValueError(f"decoder.mix_weights={d.mix_weights} must each lie in [0, 1]")
-            if d.prompt_len < 1 or d.max_new_tokens < 1 or d.num_prompts < 1:
-                raise ValueError("decoder.prompt_len, decoder.max_new_tokens and decoder.num_prompts must be >= 1")
+            if min(d.prompt_len, d.max_new_tokens, d.num_prompts, d.light_prompts) < 1:
+                raise ValueError("decoder.prompt_len, decoder.max_new_tokens, decoder.num_prompts and "
+                                 "decoder.light_prompts must be >= 1")
             if d.prompt_len >= self.data.seq_len:
                 raise ValueError(f"decoder.prompt_len={d.prompt_len} must be shorter than data.seq_len="
                                  f"{self.data.seq_len} (prompts are cut from held-out rows)")

@@ -31,7 +31,15 @@ from . import packing
 from . import stats as S
 from .cache import build_once, cache_root, digest, tokenizer_fingerprint
 from .compact import Segment, load_split, token_dtype, write_split
-from .sources import read_records, resolve_files, select_split, source_fingerprint, stdlib_files, stdlib_root
+from .sources import (
+    STDLIB_DOCS,
+    read_records,
+    resolve_files,
+    select_split,
+    source_fingerprint,
+    stdlib_files,
+    stdlib_root,
+)
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = 2  # bump when tokenization or the stored format changes, to invalidate prepared data
@@ -119,6 +127,8 @@ def source_bytes(src: SourceConfig, key: str) -> int:
     """Bytes a source would make the trainer process inline (text: to tokenize; token files: to index)."""
     if src.kind in ("stdlib", "stdlib_chat"):
         return sum((stdlib_root() / r).stat().st_size for r in stdlib_files(src.path))
+    if src.kind == "stdlib_docs":
+        return (stdlib_root() / STDLIB_DOCS).stat().st_size
     if src.kind == "files":
         return sum(f.stat().st_size for f in resolve_files(src.path, f"{key}.path"))
     if src.kind in TOKEN_KINDS:

@@ -14,6 +14,7 @@ import os
 import re
 import sysconfig
 from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics
 from typing import Any
 
 import datasets
@@ -30,7 +31,10 @@ CHAT_FEATURES = datasets.Features({
     "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
     "key": datasets.Value("string"), "reason": datasets.Value("string")})
 _EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+# pydoc_data holds the library reference's prose (kind=stdlib_docs), not code: the code corpus leaves it out, so the
+# prose stays an out-of-domain set that no stdlib run trains on
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+STDLIB_DOCS = "pydoc_data/topics.py"
 
 
 # ---------------------------------------------------------------- held-out split
@@ -156,6 +160,24 @@ def _stdlib_chat_gen(rels: list[str], fingerprint: str):
             yield {"messages": messages or [], "key": rel, "reason": reason}
 
 
+def stdlib_docs(pattern: str = "") -> dict[str, str]:
+    """{topic: text} of the library reference's topics (`pydoc_data.topics`, English prose), fnmatch-filtered."""
+    return {k: v for k, v in sorted(pydoc_topics.items()) if not pattern or fnmatch.fnmatch(k, pattern)}
+
+
+def _stdlib_docs_gen(pattern: str, fingerprint: str):
+    for topic, text in stdlib_docs(pattern).items():
+        yield {"text": text, "key": f"{STDLIB_DOCS}:{topic}", "reason": "" if text.strip() else S.EMPTY}
+
+
+def _read_stdlib_docs(pattern: str, cache_dir: str) -> datasets.Dataset:
+    if not stdlib_docs(pattern):
+        raise ValueError(f"stdlib_docs source path filter {pattern!r} matches no topic of {STDLIB_DOCS}")
+    return datasets.Dataset.from_generator(
+        _stdlib_docs_gen, features=TEXT_FEATURES, cache_dir=str(cache_root(cache_dir) / "hf"),
+        gen_kwargs={"pattern": pattern, "fingerprint": files_fingerprint([stdlib_root() / STDLIB_DOCS])})
+
+
 def _read_stdlib(pattern: str, cache_dir: str, chat: bool = False) -> datasets.Dataset:
     """The stdlib as text documents (one per file) or as chat records (stdlib_chat.py), keyed by file."""
     rels = stdlib_files(pattern)
@@ -251,6 +273,8 @@ def source_fingerprint(src: SourceConfig, key: str = "data.sources[]") -> str:
     """Digest of the source's content where it can be had cheaply (files: stat; stdlib: stat + version)."""
     if src.kind in ("stdlib", "stdlib_chat"):
         return files_fingerprint([stdlib_root() / r for r in stdlib_files(src.path)])
+    if src.kind == "stdlib_docs":
+        return digest([files_fingerprint([stdlib_root() / STDLIB_DOCS]), src.path])
     if src.kind == "files":
         return files_fingerprint(resolve_files(src.path, f"{key}.path"))
     return digest([src.path, src.split])  # hub: name and split; the hub's own cache handles revisions
@@ -268,6 +292,8 @@ def read_records(src: SourceConfig, cfg: DataConfig, key: str = "data.sources[]"
         ds = _read_stdlib(src.path, cfg.cache_dir)
     elif src.kind == "stdlib_chat":
         ds = _read_stdlib(src.path, cfg.cache_dir, chat=True)
+    elif src.kind == "stdlib_docs":
+        ds = _read_stdlib_docs(src.path, cfg.cache_dir)
     elif src.kind == "hub":
         ds = _normalize(datasets.load_dataset(src.path, split=src.split), src, cfg.chat, key)
     else:

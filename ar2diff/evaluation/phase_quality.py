@@ -30,6 +30,13 @@ def previous_seq_len(start_dir) -> int | None:
     return json.loads(path.read_text()).get("budget", {}).get("seq_len")
 
 
+def out_of_domain_data(cfg):
+    """The `DataConfig` of `decoder.quality.out_of_domain`: the phase's tokenizer and row length, plain text, and a
+    held-out half (never trained on either way; two non-empty halves keep the split's cache files apart)."""
+    return replace(cfg.data, sources=list(cfg.decoder.quality.out_of_domain), chat=False, heldout_fraction=0.5,
+                   max_doc_tokens=None)
+
+
 def reference_models(end_model, start_dir, device, dtype) -> dict:
     """{"end", "start", "base"} TidarObjectives; start and base loaded as they were (the base only when it differs)."""
     models = {"end": end_model}
@@ -67,9 +74,12 @@ def phase_quality(*, cfg, end_model, heldout, samplers: dict, loss_rows: int, re
         reference_rows = read_rows(reference_data, tokenizer, q.reference_rows)
     sets = {}
     if reference_rows is not None:
-        sets["pretrain"] = compare(models, reference_rows, micro, dcfg.seed)
+        sets["pretrain"] = compare(models, reference_rows, micro, dcfg.seed, q.confidence)
     if cfg.data.chat:
-        sets["chat"] = compare(models, own, micro, dcfg.seed)
+        sets["chat"] = compare(models, own, micro, dcfg.seed, q.confidence)
+    if q.out_of_domain:
+        ood_rows = read_rows(out_of_domain_data(cfg), tokenizer, q.reference_rows)
+        sets["out_of_domain"] = compare(models, ood_rows, micro, dcfg.seed, q.confidence)
     out["base_relative"] = sets
 
     if q.passk:
@@ -107,6 +117,9 @@ def quality_metrics(result: dict) -> dict[str, float]:
         for other in ("start", "base"):
             for key, v in s.get(f"delta_vs_{other}", {}).items():
                 out[f"base_relative/{set_name}/delta_vs_{other}/{key}"] = v
+            for key in ("low", "high"):
+                if f"paired_vs_{other}" in s:
+                    out[f"base_relative/{set_name}/delta_vs_{other}/loss_ar_{key}"] = s[f"paired_vs_{other}"][key]
     for name, s in result.get("passk", {}).get("samplers", {}).items():
         for key, v in s.items():
             if key.startswith("pass@"):

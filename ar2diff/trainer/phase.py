@@ -23,6 +23,7 @@ from deepspeed.accelerator import get_accelerator
 
 from ar2diff.checkpoint.export import export_checkpoint
 from ar2diff.checkpoint.export_layout import save_run_assets
+from ar2diff.evaluation.light_check import light_check, light_metrics
 from ar2diff.checkpoint.resume import find_latest_complete, load_checkpoint, save_checkpoint
 from ar2diff.config.budget import Budget, plan_budget
 from ar2diff.config.schema import PhaseConfig
@@ -191,9 +192,12 @@ class PhaseTrainer:
                     state.tokens_seen += state.budget.tokens_per_step
                     callbacks.on_step_end(state)
                     periodic = state.step % self.cfg.trainer.ckpt_every == 0 and state.step < state.budget.steps
-                    if periodic or state.should_save or state.should_stop:
+                    export = self.export_due(state)
+                    if periodic or export or state.should_save or state.should_stop:
                         self.save(state)
                         state.should_save = False
+                    if export and not state.should_stop:
+                        self.intermediate_export(state)
                 state.stopped_early = state.step < state.budget.steps
                 self.finish(state)
             finally:
@@ -205,6 +209,25 @@ class PhaseTrainer:
             raise Preempted(state.step, state.stopped_by)
         export_dir = None if state.stopped_early else state.export_dir
         return PhaseResult(run_dir=self.run_dir, export_dir=export_dir, summary=state.logger.summary)
+
+    def export_due(self, state: TrainState) -> bool:
+        every = self.cfg.trainer.export_every
+        return every > 0 and state.step % every == 0 and state.step < state.budget.steps
+
+    def intermediate_export(self, state: TrainState) -> None:
+        """Export the checkpoint just saved to run_dir/exports/step_<N> and, with the decoder check on, give it the
+        light check (rank 0; the others wait). A re-run that passes this step again re-exports it."""
+        folder = state.run_dir / "exports" / f"step_{state.step:06d}"
+        if state.rank == 0:
+            export_checkpoint(state.ckpt_root, folder,
+                              extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step})
+            if self.decoder_check:
+                with torch.random.fork_rng(devices=[]):  # the training's RNG stream stays as a resume rebuilds it
+                    result = light_check(cfg=self.cfg, export_dir=folder, heldout=state.data.heldout,
+                                         tokenizer=state.tokenizer, device=state.device)
+                state.logger.log(state.step, light_metrics(result), prefix="light")
+        if dist.is_initialized():
+            dist.barrier()
 
     def stop_requested(self, state: TrainState, device) -> bool:
         """Whether a stop signal reached any rank (collective: every rank calls it at the same point)."""
