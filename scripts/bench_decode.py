@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import conf_model  # noqa: E402  (a sibling script, not a package)
+from bench_train import conf_model  # noqa: E402  (sibling scripts, not a package)
+from router_load import middle_windows  # noqa: E402
 
 DEFAULT_HELDOUT_FRACTION = 0.02
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="number of prompts")
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     p.add_argument("--prompts-file", help="one JSON string per line instead of stdlib prompts")
+    p.add_argument("--windows", choices=("heads", "middle"), default="heads",
+                   help="stdlib prompts: the heads of held-out files, or windows past their heads (shuffled with "
+                        "--seed; disjoint from the heads, which the phase-end check and earlier choices used)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; --windows middle: which windows")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--mix-weights", default="0.25,0.5", help="comma-separated mixing weights ('' for none)")
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's (--tiny: 16)")
@@ -102,8 +107,12 @@ def load(args):
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--checkpoint: {err}") from None
     tokenizer = export.tokenizer
-    prompts = (file_prompts(args.prompts_file, tokenizer, args.prompts, args.prompt_len) if args.prompts_file
-               else stdlib_prompts(tokenizer, args.prompts, args.prompt_len))
+    if args.prompts_file:
+        prompts = file_prompts(args.prompts_file, tokenizer, args.prompts, args.prompt_len)
+    elif args.windows == "middle":
+        prompts = middle_windows(tokenizer, args.prompts, args.prompt_len, DEFAULT_HELDOUT_FRACTION, args.seed)
+    else:
+        prompts = stdlib_prompts(tokenizer, args.prompts, args.prompt_len)
     return model, prompts, str(args.checkpoint)
 
 
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = None if args.levels == "all" else [int(x) for x in args.levels.split(",")]
     dcfg = DecoderEvalConfig(num_prompts=args.prompts, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
                              block_size=model.block_size, levels=levels, mix_weights=weights,
-                             temperature=args.temperature)
+                             temperature=args.temperature, seed=args.seed)
     rows, outputs = {}, {}
     for name, cfg in sampler_configs(dcfg, None, model.block_size, args.temperature).items():
         results, seconds = timed(lambda: run_decoder(model, prompts, cfg), args.repeats, device)

@@ -246,3 +246,27 @@ def test_bench_sdpa_mask_runs_every_form_in_fresh_processes(tmp_path):
     assert res["time_ratio_split_over_additive"] == split["median_s"] / additive["median_s"]
     assert len(boolean["seconds"]) == len(additive["seconds"]) == len(split["seconds"]) == 1
     assert "additive / boolean: peak" in stdout and "split / additive: peak" in stdout
+
+
+def test_check_lossless_t1_passes_lossless_and_rejects_the_accept_every_draft_control():
+    """scripts/check_lossless_t1.py's test on a 6-token vocabulary (as tests/test_decode_tidar.py's, but through the
+    script's own binning, sampler runs and control): lossless passes, keeping every draft is rejected."""
+    import torch
+    from tiny import TINY_CONFIGS, randomize
+
+    from ar2diff.decode.tidar import TidarConfig
+    from ar2diff.model import TidarLM, build_model
+
+    sys.path.insert(0, str(SCRIPTS))
+    from check_lossless_t1 import check_prompt as chi_square_check
+
+    torch.set_num_threads(1)
+    vocab = 6
+    lm = randomize(build_model(dict(TINY_CONFIGS["llama"], vocab_size=vocab), seed=11), seed=11, scale=0.5).eval()
+    model = TidarLM(lm, mask_token_id=vocab - 1, block_size=4)
+    cfg = TidarConfig(max_new_tokens=3, temperature=1.0, seed=0, levels=(1, 2))
+    lossless = chi_square_check(model, [1, 3, 4], cfg, 1500, 5.0, control=False)
+    control = chi_square_check(model, [1, 3, 4], cfg, 1500, 5.0, control=True)
+    assert 0.1 < lossless["draft_kept"] < 0.9 and control["draft_kept"] == 1.0
+    assert lossless["bins"] == control["bins"] >= 10 and lossless["df"] == lossless["bins"] - 1
+    assert lossless["p_value"] > 0.001 and control["p_value"] < 1e-6, (lossless, control)
