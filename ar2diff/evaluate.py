@@ -13,12 +13,16 @@ into `--out` (default: the export folder).
 `--tasks` runs lm-eval-harness (`pip install 'ar2diff[lm_eval]'`; `ar2diff.evaluation.lm_eval_model`): loglikelihood
 from the AR stream, generation through an ar2diff sampler (`--sampler ar|lossless|mixing --mix-weight W`), tokens
 per forward beside each task's metrics; the report goes to `--output` (default: <checkpoint>/lm_eval.json).
+
+The export's files are checked against the sha256 recorded at export before its weights are read; `--no-verify`
+skips that (it sets AR2DIFF_VERIFY_EXPORTS=0 for this process, which every loader it reaches reads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +36,7 @@ from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.data.loader import load_packed
 from ar2diff.data.tokenizer import load_tokenizer
 from ar2diff.evaluation.phase_end import default_device, phase_end_eval
+from ar2diff.export_format import VERIFY_ENV, check_weights
 from ar2diff.fs import write_json_atomic
 from ar2diff.logging import RunLogger
 from ar2diff.trainer.resume_config import CONFIG_NAME
@@ -45,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a resolved_config.json (default: the one beside the export)")
     p.add_argument("--out", default=None, help="folder for eval.json and plots (default: the export folder)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness task (or group) names")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="load the export without re-hashing its files against the sha256 recorded at export")
     tasks = p.add_argument_group("lm-eval-harness (with --tasks)")
     tasks.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (local tasks)")
     tasks.add_argument("--only-include-path", action="store_true",
@@ -64,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(checkpoint: Path, config: str | None, overrides: list[str]):
     """The PhaseConfig to evaluate with: the run's saved config (or the defaults), then `overrides`."""
-
     saved = Path(config) if config else checkpoint.resolve().parent / CONFIG_NAME
     if config and not saved.is_file():
         raise FileNotFoundError(f"--config {config} does not exist")
@@ -112,9 +118,9 @@ def run_lm_eval(args) -> dict:
 
 def evaluate(args) -> dict:
     """Run the phase-end check (and tasks, when asked) on the export; returns the result dict."""
-
     checkpoint = Path(args.checkpoint)
     meta = read_metadata(checkpoint)  # the completeness check names a missing or truncated file
+    check_weights(checkpoint)  # and a corrupt safetensors header, before the data is prepared
     cfg = load_config(checkpoint, args.config, args.overrides)
     out = Path(args.out) if args.out else checkpoint
     out.mkdir(parents=True, exist_ok=True)
@@ -128,10 +134,18 @@ def evaluate(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    before = os.environ.get(VERIFY_ENV)
+    if not args.verify:  # the phase-end check and the lm-eval model load the export themselves
+        os.environ[VERIFY_ENV] = "0"
     try:
         run_lm_eval(args) if args.tasks else evaluate(args)
     except USER_ERRORS as err:
         return report(PROG, err, rank=0)
+    finally:
+        if before is None:
+            os.environ.pop(VERIFY_ENV, None)
+        else:
+            os.environ[VERIFY_ENV] = before
     return 0
 
 

@@ -4,6 +4,7 @@ transformers layout (the logic lives in ar2diff/checkpoint/export.py; this modul
     python -m ar2diff.export --checkpoint CKPT_ROOT_OR_TAG_DIR --out DEST [--tag step_...] [--base MODEL_DIR]
 
 Works offline on one process. Expert-parallel (AutoEP) checkpoints are recognised from their completion marker.
+The checkpoint's files are checked against the sha256 recorded at save first (``--no-verify`` skips that).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None, help="TiDAR block size if no run metadata records it")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip re-hashing the checkpoint's files against the sha256 recorded at save")
     return p.parse_args(argv)
 
 
@@ -35,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, base=args.base, dtype=args.dtype,
-                                     block_size=args.block_size, max_shard_size=args.max_shard_size,
-                                     overwrite=args.overwrite)
+                                block_size=args.block_size, max_shard_size=args.max_shard_size,
+                                overwrite=args.overwrite, verify=args.verify)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"ar2diff.export: error: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ DeepSpeed's own ``zero_to_fp32`` consolidates the fp32 master weights from the p
 (on the meta device) from the config the trainer saved under ``<ckpt_root>/hf/`` (``save_run_assets``), or from
 ``base`` when that folder is missing. Expert-parallel (DeepSpeed AutoEP) checkpoints, which zero_to_fp32 cannot
 consolidate, go through ``ar2diff.checkpoint.autoep`` (ZeRO-0/1/2/3; Qwen3-MoE and Mixtral), picked automatically
-from the checkpoint's completion marker.
+from the checkpoint's completion marker. Before anything is read, the checkpoint's files are re-hashed against the
+sha256 its marker records (``integrity.check_checkpoint_files``): a file changed since the save is refused by name,
+never exported. The export records the sha256 of its own files in turn (``export_format.write_marker``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ar2diff.checkpoint.export_layout import (
     export_model,
     load_run_assets,
 )
+from ar2diff.checkpoint.integrity import check_checkpoint_files
 from ar2diff.checkpoint.resume import CheckpointRef, resolve_checkpoint
 from ar2diff.checkpoint.safe_export import check_destination
 from ar2diff.dtypes import TORCH_DTYPES
@@ -88,17 +91,22 @@ def _assets(ref: CheckpointRef, base: str | None, block_size: int | None) -> tup
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tag: str | None = None,
                       base: str | None = None, dtype: str = "auto", block_size: int | None = None,
-                      extra_metadata: dict | None = None, max_shard_size: str = "2GB", overwrite: bool = True) -> Path:
+                      extra_metadata: dict | None = None, max_shard_size: str = "2GB", overwrite: bool = True,
+                      verify: bool = True) -> Path:
     """Export a complete DeepSpeed checkpoint (a root: its newest complete step or ``tag``; or a step
     folder) to ``out`` and return ``out``. Call on one process (the trainer: global rank 0 after the
     final save_checkpoint, then a barrier). ``dtype="auto"`` saves in the dtype of the saved config
     (float32 if it names none). ``extra_metadata`` is merged last into ar2diff.json (e.g. the trainer's
-    own ``step``/``tokens_seen``). ``overwrite=True`` replaces an existing export atomically."""
+    own ``step``/``tokens_seen``). ``overwrite=True`` replaces an existing export atomically.
+    ``verify``: re-hash the checkpoint's files first and refuse (ValueError naming the file) one that changed since
+    the save; the newest checkpoint is not silently swapped for an older one (``tag`` picks one)."""
     from transformers import AutoModelForCausalLM
 
     ref = resolve_checkpoint(checkpoint, tag)
     out = Path(out)
     check_destination(out, overwrite, protect=[ref.root, ref.path])  # before any work; refuses run folders
+    if verify:
+        check_checkpoint_files(ref)
     assets, meta = _assets(ref, base, block_size)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(assets.config)

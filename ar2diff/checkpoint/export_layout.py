@@ -3,7 +3,7 @@
 An export folder holds ``config.json`` (with ``mask_token_id`` and ``tidar_block_size``), safetensors
 weights (``model.safetensors`` or shards + ``model.safetensors.index.json``), ``generation_config.json``,
 the tokenizer (its ``mask_token`` is the token of ``mask_token_id``), ``ar2diff.json`` (metadata) and
-``ar2diff_export_complete.json`` (the completion marker: sizes of every file). It is written into
+``ar2diff_export_complete.json`` (the completion marker: size and sha256 of every file). It is written into
 ``<dest>.tmp-<pid>`` and renamed onto ``dest`` only when complete.
 
 ``save_run_assets`` writes what an export needs besides the weights (config, tokenizer, generation

@@ -2,7 +2,10 @@
 
 A step folder ``step_XXXXXXXX`` is complete when it holds ``ar2diff_complete.json`` whose manifest (size and sha256
 of every file) matches the files on disk. ``find_latest_complete`` and ``resolve_checkpoint`` only ever return such a
-folder; half-written saves (``.partial``, or no marker) are never used. The save itself is in ``resume``.
+folder; half-written saves (``.partial``, or no marker) are never used, and neither is a folder whose marker is not
+the JSON object ``save_checkpoint`` writes (``read_marker``). ``scan_checkpoints`` also reports the folders that were
+complete once and fail now: when none passes, resume refuses (``NoVerifiedCheckpoint``) instead of starting from
+step 0 over them. The save itself is in ``resume``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ REPLACED_SUFFIX = ".replaced"
 RNG_FILE = "rng_state_rank{rank:05d}.pt"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 Verify = Literal["size", "hash"]
-
-Verify = Literal["size", "hash"]
+# What resume and export read from a completion marker, and the JSON type each must have. Anything else (a list, a
+# number, a dict without these keys) is a marker that was not written by save_checkpoint: the folder is incomplete.
+MARKER_FIELDS: dict[str, type] = {"files": dict, "world_size": int, "zero_stage": int, "client_keys": list}
+_JSON_KINDS = {dict: "an object", int: "an integer", list: "a list"}
 
 
 def step_tag(step: int) -> str:
@@ -60,18 +65,50 @@ def list_files(folder: Path) -> list[str]:
     return sorted(name for name in out if name != MARKER_NAME)
 
 
-def check_manifest(tag_dir: Path, verify: Verify = "size") -> tuple[dict | None, str]:
-    """(marker, "") if ``tag_dir`` holds a completion marker whose manifest matches the files on disk,
-    else (None, reason). ``verify="hash"`` also re-hashes every file (slow on big checkpoints)."""
+def read_marker(tag_dir: Path) -> tuple[dict | None, str]:
+    """(marker, "") if ``tag_dir`` holds a completion marker of the shape ``save_checkpoint`` writes, else
+    (None, reason). A marker that is not JSON, or JSON of another shape (``[1, 2]``, no ``world_size``, a file entry
+    without its size), makes the folder incomplete like a missing one: callers skip it, nothing raises."""
     marker_path = Path(tag_dir) / MARKER_NAME
     if not marker_path.is_file():
         return None, f"no completion marker {MARKER_NAME} (save interrupted or not an ar2diff checkpoint)"
     try:
         marker = json.loads(marker_path.read_text())
-        files = marker["files"]
-    except (ValueError, KeyError) as err:
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         return None, f"unreadable completion marker {marker_path}: {err}"
-    for name, entry in files.items():
+    problem = marker_shape_problem(marker)
+    if problem:
+        return None, f"malformed completion marker {marker_path}: {problem}"
+    return marker, ""
+
+
+def marker_shape_problem(marker) -> str:
+    """'' if ``marker`` (parsed JSON) has every field resume and export read, with its JSON type; else what is off."""
+    if not isinstance(marker, dict):
+        return f"a JSON {type(marker).__name__}, not an object"
+    for key, kind in MARKER_FIELDS.items():
+        value = marker.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if key not in marker else repr(value)[:40]
+            return f"{key!r} is {found}, expected {_JSON_KINDS[kind]}"
+    if not all(isinstance(key, str) for key in marker["client_keys"]):
+        return "'client_keys' is not a list of names"
+    for name, entry in marker["files"].items():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"the entry of file {name!r} has no byte size"
+        if not isinstance(entry.get("sha256"), (str, type(None))):
+            return f"the sha256 of file {name!r} is not a string"
+    return ""
+
+
+def check_manifest(tag_dir: Path, verify: Verify = "size") -> tuple[dict | None, str]:
+    """(marker, "") if ``tag_dir`` holds a well-formed completion marker whose manifest matches the files on disk,
+    else (None, reason). ``verify="hash"`` also re-hashes every file (slow on big checkpoints)."""
+    marker, reason = read_marker(tag_dir)
+    if marker is None:
+        return None, reason
+    for name, entry in marker["files"].items():
         path = Path(tag_dir) / name
         if not path.is_file():
             return None, f"file {name} listed in the manifest is missing"
@@ -96,13 +133,40 @@ def step_dirs(root: Path) -> list[tuple[int, str]]:
 def find_latest_complete(ckpt_root: str | os.PathLike, *, verify: Verify = "size") -> CheckpointRef | None:
     """The newest checkpoint under ``ckpt_root`` whose marker is present and whose manifest matches its
     files; None if there is none (or the folder does not exist). Partial folders are never considered."""
+    return scan_checkpoints(ckpt_root, verify=verify)[0]
+
+
+def scan_checkpoints(ckpt_root: str | os.PathLike, *, verify: Verify = "size") -> tuple[CheckpointRef | None, dict]:
+    """(the newest complete checkpoint or None, {tag: reason} of the folders newer than it that hold a completion
+    marker but fail the check). Folders without a marker (a save killed before its end) are skipped with a warning
+    but never counted as failed: with no complete checkpoint and no failure, a run starts fresh."""
     root = Path(ckpt_root)
+    failed: dict[str, str] = {}
     for step, tag in step_dirs(root):
         marker, reason = check_manifest(root / tag, verify)
         if marker is not None:
-            return CheckpointRef(root=root, tag=tag, step=step, marker=marker)
+            return CheckpointRef(root=root, tag=tag, step=step, marker=marker), failed
         log.warning("skipping checkpoint %s: %s", root / tag, reason)
-    return None
+        if (root / tag / MARKER_NAME).exists():
+            failed[tag] = reason
+    return None, failed
+
+
+class NoVerifiedCheckpoint(ValueError):
+    """Every step folder that was once complete (it holds a completion marker) fails its check.
+
+    Starting from step 0 would silently retrain and overwrite them, so resume refuses (``trainer.start_over=true``
+    trains from step 0 on purpose)."""
+
+    @classmethod
+    def naming(cls, root: Path, failed: dict[str, str]) -> NoVerifiedCheckpoint:
+        """The one-line error naming ``root``'s failed folders (``failed``: tag -> why) and what to do."""
+        failed = dict(sorted(failed.items(), reverse=True))  # newest first
+        shown = "; ".join(f"{tag}: {reason}" for tag, reason in list(failed.items())[:4])
+        more = f"; and {len(failed) - 4} more" if len(failed) > 4 else ""
+        return cls(f"no checkpoint under {root} passes its check ({shown}{more}): resuming would start from step 0 "
+                   f"and overwrite {', '.join(failed)}. Restore the named files (or move those folders away), or "
+                   "set trainer.start_over=true to train from step 0 anyway")
 
 
 def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None, *, verify: Verify = "size") -> CheckpointRef:

@@ -1,7 +1,8 @@
 """`load_export(dir)`: the one reader of an exported folder, used by the decoder CLI, the phase-end check and the
 benchmarks. It loads the transformers model (and tokenizer) and reads the TiDAR settings, mask token id and block
 size, from ``ar2diff.json`` when the folder has one, else from ``config.json`` (``mask_token_id``,
-``tidar_block_size``), cross-checking the two and the tokenizer's mask token."""
+``tidar_block_size``), cross-checking the two and the tokenizer's mask token. The files of an export are checked
+against the size and sha256 its marker records before the weights are read (``ar2diff.model.loading``)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,19 @@ class LoadedExport:
 
 
 def load_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None,
-                block_size: int | None = None, with_tokenizer: bool = True) -> LoadedExport:
+                block_size: int | None = None, with_tokenizer: bool = True, *, verify: bool | None = None,
+                collective: bool = False) -> LoadedExport:
     """Load an export folder (or any transformers checkpoint folder: then only AR decoding is possible).
-    `block_size` overrides the trained block size (decoding with a different one)."""
+    `block_size` overrides the trained block size (decoding with a different one). `verify`: re-hash the export's
+    files against their recorded sha256 (None: yes unless AR2DIFF_VERIFY_EXPORTS=0); `collective`: every rank loads
+    this export now and hashes a share of it (``ar2diff.model.loading.verify_export_files``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model checkpoint folder {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint folder")
     meta = read_metadata(path) if (path / METADATA_NAME).is_file() else {}
-    lm = load_model(path, dtype=dtype)
+    lm = load_model(path, dtype=dtype, verify=verify, collective=collective)
     if device is not None:
         lm = lm.to(device)
     mask_id, block = _setting(path, lm.config, meta, "mask_token_id", "mask_token_id"), \

@@ -10,7 +10,9 @@ Layout under ``ckpt_root`` (every rank must see the same filesystem)::
 A save goes to ``<tag>.partial``; after a barrier rank 0 writes the completion marker (step, world size,
 ZeRO stage, size + sha256 of every file), renames the folder to ``<tag>`` and only then rewrites
 ``latest``. ``find_latest_complete`` trusts a folder only if its marker is present and the files still
-match the manifest, so a half-written or truncated checkpoint is never resumed from.
+match the manifest, so a half-written or truncated checkpoint is never resumed from. When folders with a marker
+exist but none passes, ``load_checkpoint`` refuses (``NoVerifiedCheckpoint``) instead of starting from step 0 over
+them, unless asked to start over.
 
 DeepSpeed stores ``client_state`` once (rank 0's copy, inside the model-states file) and hands that same
 copy to every rank on load. Per-rank RNG states therefore go to per-rank files written here, restored
@@ -32,7 +34,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ar2diff.checkpoint.coordination import all_gather_object, barrier, run_on_rank0
-from ar2diff.checkpoint.integrity import pick_verified_checkpoint
+from ar2diff.checkpoint.integrity import pick_verified_checkpoint, refuse_or_start_over
 from ar2diff.checkpoint.manifest import (  # noqa: F401 (re-exported)
     LATEST_NAME,
     MARKER_NAME,
@@ -41,11 +43,13 @@ from ar2diff.checkpoint.manifest import (  # noqa: F401 (re-exported)
     RNG_FILE,
     TAG_RE,
     CheckpointRef,
+    NoVerifiedCheckpoint,
     Verify,
     check_manifest,
     find_latest_complete,
     list_files,
     resolve_checkpoint,
+    scan_checkpoints,
     step_dirs,
     step_tag,
 )
@@ -253,25 +257,26 @@ def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int, *, protect_t
 
 
 def load_checkpoint(engine, ckpt_root: str | os.PathLike, *, tag: str | None = None,
-                    restore_rng: bool = True, verify: Verify = "hash") -> dict | None:
+                    restore_rng: bool = True, verify: Verify = "hash", start_over: bool = False) -> dict | None:
     """Resume ``engine`` (module, optimizer and lr-scheduler states) from the newest complete
     checkpoint under ``ckpt_root`` (or ``tag``) and restore this rank's RNG state. Returns the
-    client_state given to save_checkpoint, or None when there is no complete checkpoint (fresh start).
+    client_state given to save_checkpoint, or None when there is no checkpoint yet (fresh start).
     Call on every rank; all ranks load the same one. With ``verify="hash"`` (the default) and no ``tag``, every
     rank hashes a share of the newest checkpoint's files and a corrupted one falls back to the previous complete
-    checkpoint (integrity.pick_verified_checkpoint)."""
+    checkpoint (integrity.pick_verified_checkpoint).
+
+    When step folders with a completion marker exist but none passes its check, this raises
+    ``NoVerifiedCheckpoint`` (a ValueError naming the folders) instead of returning None, which would train from
+    step 0 and overwrite them; ``start_over=True`` (``trainer.start_over``) returns None then, with a warning."""
     root = Path(ckpt_root)
-
-    def pick() -> CheckpointRef | None:
-        if tag is not None:
-            return resolve_checkpoint(root, tag, verify=verify)
-        return find_latest_complete(root, verify=verify)
-
-    if tag is None and verify == "hash":
-
-        ref = pick_verified_checkpoint(root)
+    if tag is not None:
+        ref = run_on_rank0(lambda: resolve_checkpoint(root, tag, verify=verify))
+    elif verify == "hash":
+        ref = pick_verified_checkpoint(root, start_over=start_over)
     else:
-        ref = run_on_rank0(pick)
+        ref, failed = run_on_rank0(scan_checkpoints, root)
+        if ref is None:
+            refuse_or_start_over(root, failed, start_over)
     if ref is None:
         return None
     world, stage = dist.get_world_size(), int(engine.zero_optimization_stage())

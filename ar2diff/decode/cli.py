@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap each prompt as a user turn in the tokenizer's chat template (for SFT exports)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="load without re-hashing the export's files against the sha256 recorded at export")
     return p
 
 
@@ -138,7 +140,7 @@ def run(args) -> dict:
     warn_ignored_flags(args)
     check_tokenizer_files(args.checkpoint)
     export = load_export(args.checkpoint, dtype=TORCH_DTYPES[args.dtype], device=args.device,
-                         block_size=args.block_size)
+                         block_size=args.block_size, verify=None if args.verify else False)
     lm, tokenizer = export.lm, export.tokenizer
     prompts = [encode_prompt(tokenizer, text, args.chat_template) for text in texts]
     for i, ids in enumerate(prompts):

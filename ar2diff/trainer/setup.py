@@ -35,7 +35,9 @@ def build_phase_model(cfg: PhaseConfig, tokenizer) -> TidarObjective:
         apply_rope_overrides(config, dict(m.rope), m.max_position_embeddings)
         if cfg.phase == "context_extension" and "rope_theta" in m.rope:
             check_theta_raised(thetas_before, rope_thetas(config), source=m.path)
-        lm = load_model(m.path, attn_implementation=m.attn_implementation, dtype=dtype, config=config)
+        # every rank loads model.path: each verifies its share of the export's files (load_model(collective=True))
+        lm = load_model(m.path, attn_implementation=m.attn_implementation, dtype=dtype, config=config,
+                        collective=True)
     else:
         arch = dict(m.config)
         arch.setdefault("vocab_size", len(tokenizer))
