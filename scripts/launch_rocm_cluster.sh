@@ -20,6 +20,16 @@
 set -euo pipefail
 HOSTFILE=${1:?usage: $0 HOSTFILE recipe=NAME [overrides...]}
 shift
+# One line naming the hostfile, not grep's bare "No such file or directory" (or a silent exit on a file without hosts).
+if [[ ! -f $HOSTFILE || ! -r $HOSTFILE ]]; then
+    echo "$0: error: hostfile $HOSTFILE does not exist or cannot be read; give a file of lines like 'node-01 slots=8'" \
+         "as the first argument" >&2
+    exit 1
+fi
+if ! grep -q -v '^\s*\(#\|$\)' "$HOSTFILE"; then
+    echo "$0: error: hostfile $HOSTFILE lists no host; add one line per node like 'node-01 slots=8'" >&2
+    exit 1
+fi
 
 # --- site-specific: adapt these to your fabric -------------------------------------------------------------------
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-ens}   # SITE: bootstrap network interface (prefix match)

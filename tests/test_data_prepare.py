@@ -117,3 +117,27 @@ def test_source_report_gives_budget_shares_and_warns_on_repeats(setup):
     assert "50.0% of the budget, 5.00 epochs" in small
     assert len(warnings) == 1 and warnings[0].startswith("data source small: the budget goes over its")
     assert "5.0 times (> data.max_repeats=4)" in warnings[0]
+
+
+@pytest.mark.parametrize("texts, fraction", [(["def one():\n    return 1\n"], 0.2),  # one document: nothing held out
+                                             (["a = 1\n", "b = 2\n", "c = 3\n"], 0.0)])
+def test_an_empty_heldout_split_keeps_the_source_cache_that_later_prepares_read(setup, tmp_path, texts, fraction):
+    """Issue #24 item 4: `datasets.map` on the empty held-out split returned the source's own arrow file and the
+    clean-up deleted it; every later prepare of the source then failed with `Failed to open …
+    generator-train.arrow`."""
+    cfg, tok, _ = setup
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"doc{i}.txt").write_text(text)
+    first = DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "cache"), "heldout_fraction": fraction,
+                          "sources": [SourceConfig(kind="files", path=str(folder), name="docs")]}).validate()
+    assert prepare_all(first, tok)[0]["docs"] == len(texts)
+    assert load_packed(first, tok, "heldout").stats["docs"].docs == 0
+    source_arrow = sorted((tmp_path / "cache" / "hf").rglob("generator-*.arrow"))
+    assert source_arrow and all(f.is_file() for f in source_arrow)
+    for change in ({"max_doc_tokens": 10_000}, {"heldout_fraction": 0.5}):  # new keys: tokenized again
+        again = DataConfig(**{**first.__dict__, **change}).validate()
+        report = prepare_all(again, tok)
+        assert report[0]["what"] == "shard 0/1" and report[0]["docs"] == len(texts)
+    assert all(f.is_file() for f in source_arrow)

@@ -8,6 +8,8 @@
 The configs (`DataConfig`, `SourceConfig`) are plain dataclasses in `ar2diff.config.data`.
 """
 
+import warnings
+
 from ar2diff.config.data import DataConfig, SourceConfig
 from ar2diff.data.compact import TokenRows
 from ar2diff.data.loader import (
@@ -51,3 +53,8 @@ __all__ = [
     "stdlib_corpus",
     "train_bpe",
 ]
+
+# `python -m ar2diff.data.prepare` runs a module this package has already imported (the loader uses it); runpy warns
+# about that after importing the package, which would put a second line under every one-line error of that command.
+# Harmless here: the module defines no class whose identity matters.
+warnings.filterwarnings("ignore", message=r"'ar2diff\.data\.prepare' found in sys\.modules", category=RuntimeWarning)

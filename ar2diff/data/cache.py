@@ -1,11 +1,13 @@
 """Content-keyed cache folders written atomically, so concurrent ranks never see half a cache."""
+import errno
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from ar2diff.fs import DiskFull, free_bytes, is_disk_full, remove_stale_temporaries, temporary_name
 
 
 def digest(obj: Any, n: int = 16) -> str:
@@ -42,24 +44,42 @@ def tokenizer_fingerprint(tokenizer) -> str:
                    tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id])
 
 
+def cache_disk_full(final: Path) -> DiskFull:
+    """The one-line error for a cache folder whose writing ran out of space (the partial folder already removed)."""
+    return DiskFull(errno.ENOSPC, f"disk full while writing {final} under data.cache_dir; the partial files were "
+                    f"removed, leaving {free_bytes(final):,} bytes free. Free space there (or set data.cache_dir to "
+                    "a larger disk) and re-run the same command")
+
+
 def build_once(final: Path, build: Callable[[Path], None]) -> Path:
     """Return `final`, calling build(tmp_dir) and renaming it into place if it does not exist yet.
 
     Several ranks may race: each builds into its own temporary folder, the first rename wins and the
-    others discard theirs. A folder only ever appears complete.
+    others discard theirs. A folder only ever appears complete. Temporary folders beside it that a killed
+    process left are removed first (fs.remove_stale_temporaries: only those of this host whose process is
+    gone). A full disk (also inside `datasets`, which wraps it in a DatasetGenerationError) becomes one
+    DiskFull line naming the folder.
     """
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(final.parent)
+    tmp = final.parent / temporary_name(f".{final.name}", unique=True)
     tmp.mkdir()
+    full = False
     try:
         build(tmp)
         os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
+    except Exception as err:
+        if isinstance(err, OSError) and final.is_dir():
+            pass  # another rank renamed its copy first
+        elif is_disk_full(err, final.parent):
+            full = True
+        else:
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if full:
+        raise cache_disk_full(final)
     return final

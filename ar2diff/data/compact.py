@@ -157,13 +157,61 @@ def write_split(tokenized, folder: Path, split: str, dtype: np.dtype, chat: bool
     return stats
 
 
+class DamagedFile(ValueError):
+    """A cache or token file that is truncated or unreadable. Its message is one line naming the file and what to
+    do; a ValueError, so every command line reports it as a user error, without a traceback."""
+
+
+def reason_of(err: BaseException) -> str:
+    """The first line of an error's text (numpy's "mmap length is greater than file size", say)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON file of a cache folder, or a DamagedFile naming it and `fix` (what to do)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise DamagedFile(f"{path} is missing or damaged ({reason_of(err)}); {fix}") from None
+
+
+def open_npy(path: Path, fix: str) -> np.ndarray:
+    """A `.npy` file memory-mapped, or a DamagedFile naming it and `fix` when it is missing, truncated or not an
+    `.npy` file (numpy would say "mmap length is greater than file size", naming no file)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:
+        raise DamagedFile(f"{path} is missing, truncated or damaged ({reason_of(err)}); {fix}") from None
+
+
+def open_raw(path: Path, dtype: np.dtype, n: int, fix: str) -> np.ndarray:
+    """`n` items of `dtype` memory-mapped from a raw file that must hold exactly that many bytes, else a
+    DamagedFile naming the file, its size, the size expected and `fix`."""
+    dtype = np.dtype(dtype)
+    try:
+        size = Path(path).stat().st_size
+    except OSError as err:
+        raise DamagedFile(f"{path} is missing ({reason_of(err)}); {fix}") from None
+    if size != n * dtype.itemsize:
+        raise DamagedFile(f"{path} holds {size:,} bytes where {n:,} {dtype.name} tokens take "
+                          f"{n * dtype.itemsize:,}: it is truncated or was changed; {fix}")
+    return np.memmap(path, dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+
+
+def rebuild_hint(folder: Path) -> str:
+    """What to do about a damaged file of a prepared shard or index folder: it is rebuilt when it is missing."""
+    return f"delete {folder} and re-run the same command to prepare it again"
+
+
 def load_split(folder: Path, split: str) -> tuple[Segment, S.DataStats]:
-    """The memory-mapped segment and stats of one split of a prepared shard folder."""
-    meta = json.loads((folder / f"{split}.json").read_text())
-    cum = np.load(folder / f"{split}.docs.npy", mmap_mode="r")
+    """The memory-mapped segment and stats of one split of a prepared shard folder. A truncated or damaged file
+    is a DamagedFile naming it (and the folder to delete), not numpy's error."""
+    fix = rebuild_hint(folder)
+    meta = read_json(folder / f"{split}.json", fix)
+    cum = open_npy(folder / f"{split}.docs.npy", fix)
     dtype = np.dtype(meta["dtype"])
-    n = int(cum[-1])
-    tokens = np.memmap(folder / f"{split}.tokens.bin", dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    n = int(cum[-1]) if len(cum) else 0
+    tokens = open_raw(folder / f"{split}.tokens.bin", dtype, n, fix)
     spans_file = folder / f"{split}.spans.npy"
-    spans = np.load(spans_file, mmap_mode="r") if spans_file.exists() else None
+    spans = open_npy(spans_file, fix) if spans_file.exists() else None
     return Segment(tokens, cum, None, spans), S.DataStats.from_dict(meta["stats"])

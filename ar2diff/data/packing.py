@@ -13,6 +13,12 @@ and the token stream of a source split is cut into rows of `seq_len` tokens. Per
                 assistant tokens (incl. end-of-turn) in SFT; False on padding.
 Rows are never padded except the very last row of each source split. The TiDAR mask uses doc_ids
 so attention never crosses documents; the AR loss must also skip targets whose doc id differs.
+
+Oversized documents: a fast tokenizer needs about 215 bytes of memory per character of the text in one call
+(docs/data.md), so one 50 MB line took 10 GB. A text document longer than MAX_PIECE_CHARS characters is cut into
+pieces of at most that many (`text_pieces`), tokenized piece by piece and the ids concatenated: nothing is dropped,
+and the text of one tokenizer call (several short documents, or one piece) never exceeds MAX_PIECE_CHARS. Documents
+up to MAX_PIECE_CHARS are tokenized whole, exactly as before.
 """
 from typing import Iterable, Iterator
 
@@ -28,13 +34,84 @@ TOKENIZED_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Valu
 
 
 # ---------------------------------------------------------------- tokenization
-def tokenize_batch(batch: dict, tokenizer, chat: bool, max_doc_tokens: int | None) -> dict:
-    """Batched `datasets.map` function: normalized records -> input_ids, loss_mask, reason."""
+MAX_PIECE_CHARS = 1 << 20  # characters of text per tokenizer call (~215 MB peak at ~215 bytes per character)
+
+
+def safe_cut(text: str, lo: int, hi: int) -> int:
+    """Where to end the piece of `text` that starts at `lo` (lo < hi < len(text)): a position in (lo, hi].
+
+    In order of preference: before the last space in the window that follows a non-space (the regex pre-tokenizers
+    of byte-level BPEs, GPT-2's, Llama 3's, Qwen's and this repo's, and SentencePiece's Metaspace, all cut there,
+    so the pieces' tokens are exactly the whole text's); after the last newline with a non-space on both sides
+    (the byte-level regexes cut there too); else at `hi`, a cut only the tokens around it may notice.
+    """
+    end = hi + 1
+    while (q := text.rfind(" ", lo + 1, end)) >= 0:  # cut before the space at q
+        if not text[q - 1].isspace():
+            return q
+        end = q
+    end = hi
+    while (q := text.rfind("\n", lo + 1, end)) >= 0:  # cut after the newline at q (q + 1 <= hi < len(text))
+        if not text[q - 1].isspace() and not text[q + 1].isspace():
+            return q + 1
+        end = q
+    return hi
+
+
+def text_pieces(text: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """`text` as consecutive pieces of at most `max_chars` characters that join back to it (`safe_cut` picks each
+    end); a text of at most `max_chars` characters is its own single piece."""
+    start = 0
+    while len(text) - start > max_chars:
+        cut = safe_cut(text, start, start + max_chars)
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def tokenize_texts(texts: list[str], tokenizer, max_chars: int = MAX_PIECE_CHARS) -> list[np.ndarray]:
+    """int32 ids of each text (no special tokens added; literal special-token text stays text). The texts go to the
+    tokenizer in calls of at most `max_chars` characters: short texts several at a time, a text over `max_chars` as
+    its `text_pieces`, whose ids are concatenated. Memory: the call's ~215 bytes per character, plus 4 bytes per
+    token of the ids kept, whatever one text's size."""
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    group: list[str] = []
+    owners: list[int] = []
+    chars = 0
+
+    def flush() -> None:
+        nonlocal chars
+        if group:
+            enc = tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            for j, ids in zip(owners, enc):
+                parts[j].append(np.asarray(ids, np.int32))
+        group.clear()
+        owners.clear()
+        chars = 0
+
+    for j, text in enumerate(texts):
+        for piece in text_pieces(text, max_chars):
+            if chars + len(piece) > max_chars:
+                flush()
+            group.append(piece)
+            owners.append(j)
+            chars += len(piece)
+    flush()
+    return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
+
+
+def tokenize_batch(batch: dict, tokenizer, chat: bool, max_doc_tokens: int | None,
+                   max_chars: int = MAX_PIECE_CHARS) -> dict:
+    """Batched `datasets.map` function: normalized records -> input_ids, loss_mask, reason.
+
+    Text documents go to the tokenizer `max_chars` characters at a time (`tokenize_texts`) and come back as numpy
+    arrays (int32 ids, bool mask), chat records as lists: the stored values are the same either way."""
     eos = tokenizer.eos_token_id
     reasons = list(batch["reason"])
     good = [i for i, r in enumerate(reasons) if not r]
-    out_ids: list[list[int]] = [[] for _ in reasons]
-    out_mask: list[list[bool]] = [[] for _ in reasons]
+    empty_ids, empty_mask = ([], []) if chat else (np.zeros(0, np.int32), np.zeros(0, bool))
+    out_ids: list = [empty_ids for _ in reasons]
+    out_mask: list = [empty_mask for _ in reasons]
     if chat:
         for i in good:
             try:
@@ -47,14 +124,14 @@ def tokenize_batch(batch: dict, tokenizer, chat: bool, max_doc_tokens: int | Non
             out_ids[i], out_mask[i] = ids, mask
     elif good:
         # split_special_tokens: a literal "<|eos|>" inside a document is text, not a control token.
-        enc = tokenizer([batch["text"][i] for i in good], add_special_tokens=False, split_special_tokens=True)
-        for i, ids in zip(good, enc["input_ids"]):
-            out_ids[i], out_mask[i] = list(ids) + [eos], [True] * (len(ids) + 1)
+        for i, ids in zip(good, tokenize_texts([batch["text"][i] for i in good], tokenizer, max_chars)):
+            out_ids[i] = np.append(ids, np.int32(eos))
+            out_mask[i] = np.ones(len(out_ids[i]), bool)
     for i in good:
         if reasons[i]:
             continue
         if max_doc_tokens is not None and len(out_ids[i]) > max_doc_tokens:
-            reasons[i], out_ids[i], out_mask[i] = S.TOO_LONG, [], []
+            reasons[i], out_ids[i], out_mask[i] = S.TOO_LONG, empty_ids, empty_mask
     return {"input_ids": out_ids, "loss_mask": out_mask, "reason": reasons}
 
 

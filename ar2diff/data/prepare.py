@@ -21,11 +21,13 @@ import time
 from pathlib import Path
 
 import datasets
+from omegaconf.errors import OmegaConfBaseException
 
 from ar2diff.config.compose import compose
 from ar2diff.config.data import TOKEN_KINDS, DataConfig, SourceConfig
 from ar2diff.data.tokenfile import build_index, index_folder, load_index, source_files
 from ar2diff.data.tokenizer import resolve_tokenizer
+from ar2diff.fs import DiskFull
 
 from . import packing
 from . import stats as S
@@ -115,12 +117,21 @@ def prepare_shard(cfg: DataConfig, src: SourceConfig, tokenizer, key: str, i: in
             tok = packing.tokenize_records(part, tokenizer, cfg.chat, cfg.max_doc_tokens, f"{fp}-{split}-tok",
                                            f"tokenize {name}/{split} (shard {i}/{n})", num_proc=num_proc)
             write_split(tok, tmp, split, dtype, cfg.chat)
-            for f in {c["filename"] for c in tok.cache_files}:  # the compact files replace the intermediate
-                if os.path.exists(f):
-                    os.remove(f)
+            for f in map_output_files(tok, part):  # the compact files replace the intermediate
+                os.remove(f)
 
     build_once(folder, build)
     return folder, True
+
+
+def map_output_files(result: datasets.Dataset, source: datasets.Dataset) -> list[str]:
+    """The files that `source.map(...)` wrote for `result`: its cache files that `source` does not use itself (map
+    names them `cache-<fingerprint>*.arrow`). On an empty `source`, map writes nothing and returns a dataset backed by
+    the source's own arrow file, which every later prepare of that source (another tokenizer, held-out fraction,
+    max_doc_tokens) reads again: it must never be deleted."""
+    used = {os.path.abspath(c["filename"]) for c in source.cache_files}
+    written = {os.path.abspath(c["filename"]) for c in result.cache_files} - used
+    return sorted(f for f in written if os.path.basename(f).startswith("cache-") and os.path.exists(f))
 
 
 def source_bytes(src: SourceConfig, key: str) -> int:
@@ -226,7 +237,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], int, tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-
+    """Prepare what the overrides describe and print the report (errors propagate: see `cli`)."""
     overrides, num_proc, shard = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)
     cfg.data.validate()
@@ -235,8 +246,63 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return report
 
 
-if __name__ == "__main__":
+PROG = "ar2diff.data.prepare"
+USAGE = f"""usage: python -m {PROG} [recipe=NAME] [data.KEY=VALUE ...] [num_proc=N] [shard=i/n]
+
+Tokenize the text sources of a config into data.cache_dir (and index its token-file sources) before training, so
+ranks never wait on one rank tokenizing. Give the same recipe and data overrides as the training command.
+
+  num_proc=N   tokenizing processes (default: every CPU core)
+  shard=i/n    prepare only the i-th of n contiguous parts of each source, e.g. one per node (default 0/1)
+
+The trainer reads the prepared files without tokenizing again (docs/data.md)."""
+# What a user can cause (a config value, a file, a full disk), reported in one line; anything else is a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, DiskFull)
+
+
+def config_error_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf composition error (unknown key, missing option, bad override) on one line naming the key,
+    option or override, as `python -m ar2diff.train` words it (cli_errors.hydra_error_line, a layer above data)."""
+    noise = ("full_key:", "reference_type=", "object_type=", "See https://", "LexerNoViableAltException:")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not set(line.strip()) <= {"^"}]
+    override = getattr(err, "override", None)
+    if override is not None:  # OverrideParseException
+        detail = next((line for line in lines if not line.startswith(noise + ("Error parsing override",))),
+                      "invalid syntax")
+        return f"cannot parse the override {override!r}: {detail}"
+    head = lines[0].rstrip(".") if lines else type(err).__name__
+    options, missing = getattr(err, "options", None), getattr(err, "missing_cfg_file", None)
+    if options and missing:  # MissingConfigException: the options instead of Hydra's search path
+        return f"{head}; available options in '{missing.rsplit('/', 1)[0]}': {', '.join(options)}"
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause).strip():
+        head += f": {str(cause).strip().splitlines()[0]}"
+    hints = [line[:1].lower() + line[1:] for line in lines[1:] if not line.startswith(noise)]
+    return "; ".join([head, *hints])
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: usage for -h/--help (exit 0); a user error is one line on stderr (exit 1)."""
+    from hydra.errors import HydraException
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
     try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        main(argv)
+    except DiskFull as err:
+        message = err.strerror or str(err)
+    except USER_ERRORS as err:
+        message = str(err)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = config_error_line(err)
+    else:
+        return 0
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -30,7 +30,7 @@ from ar2diff.config.data import DataConfig, SourceConfig
 
 from . import stats as S
 from .cache import build_once, cache_root, digest, tokenizer_fingerprint
-from .compact import Segment
+from .compact import DamagedFile, Segment, open_npy, open_raw, read_json, reason_of, rebuild_hint
 from .sources import files_fingerprint, resolve_files
 
 INDEX_VERSION = 1
@@ -76,7 +76,11 @@ def megatron_prefixes(path: str, key: str) -> list[str]:
 def open_tokens(path: Path, dtype: str, key: str) -> np.ndarray:
     """A token file as a read-only memory-mapped 1-D array (`.npy` carries its dtype; `.bin` needs `dtype`)."""
     if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, EOFError) as err:  # numpy names no file ("mmap length is greater than file size")
+            raise DamagedFile(f"{key}: {path} is truncated or not an .npy file ({reason_of(err)}); restore it or "
+                              "write it again") from None
         if arr.ndim != 1 or arr.dtype.kind not in "ui":
             raise ValueError(f"{key}: {path} holds {arr.dtype} of shape {arr.shape}; expected a 1-D integer array")
         return arr
@@ -221,16 +225,24 @@ def build_index(cfg: DataConfig, src: SourceConfig, tokenizer, key: str = "data.
 
 
 def load_index(folder: Path, split: str) -> tuple[list[Segment], S.DataStats]:
-    """Segments (one per token file) and stats of one split of a built index: maps files, reads no tokens."""
-    meta = json.loads((folder / "meta.json").read_text())
+    """Segments (one per token file) and stats of one split of a built index: maps files, reads no tokens.
+
+    A token file whose size no longer matches the index (truncated after it was indexed) and a damaged index
+    file are DamagedFile errors naming the file and what to do."""
+    fix = rebuild_hint(folder)
+    meta = read_json(folder / "meta.json", fix)
     segments = []
     for j, f in enumerate(meta["files"]):
         path = Path(f["path"])
         dtype = np.dtype(f["dtype"])
+        changed = (f"the token file changed after it was indexed into {folder}; restore it, or delete that folder to "
+                   "index the file as it is now")
         if path.suffix == ".npy":
-            tokens = np.load(path, mmap_mode="r")
+            tokens = open_npy(path, changed)
+            if len(tokens) != f["tokens"]:
+                raise DamagedFile(f"{path} holds {len(tokens):,} tokens where {f['tokens']:,} were indexed; {changed}")
         else:
-            tokens = np.memmap(path, dtype, "r", shape=(f["tokens"],)) if f["tokens"] else np.zeros(0, dtype)
-        segments.append(Segment(tokens, np.load(folder / f"f{j}.{split}.cum.npy", mmap_mode="r"),
-                                np.load(folder / f"f{j}.{split}.starts.npy", mmap_mode="r")))
+            tokens = open_raw(path, dtype, f["tokens"], changed)
+        segments.append(Segment(tokens, open_npy(folder / f"f{j}.{split}.cum.npy", fix),
+                                open_npy(folder / f"f{j}.{split}.starts.npy", fix)))
     return segments, S.DataStats.from_dict(meta["stats"][split])
