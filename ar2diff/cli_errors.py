@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+import torch.distributed as dist
 from omegaconf.errors import OmegaConfBaseException
 
 from ar2diff.fs import DiskFull, disk_full_while_writing, is_disk_full
@@ -38,6 +39,32 @@ def disk_full_anywhere(err: OSError, folder: str | None = None) -> OSError:
     if not is_disk_full(err, target):
         raise err
     return disk_full_while_writing(target, under=err.filename is None)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or hung."""
+
+
+COLLECTIVE_MARKS = ("gloo", "nccl", "rccl", "connection closed by peer", "connection reset by peer", "timed out",
+                    "broken pipe")
+
+
+def collective_failure(err: BaseException, cfg=None) -> PeerLost | None:
+    """A `PeerLost` naming this rank and what to check when `err` is a failed collective (a peer died, or hung past
+    trainer.collective_timeout_minutes); None for any other error."""
+    text = str(err)
+    backend_error = getattr(dist, "DistBackendError", ())
+    if not (isinstance(err, backend_error) or any(m in text.lower() for m in COLLECTIVE_MARKS)):
+        return None
+    rank = os.environ.get("RANK", "0")
+    timeout = getattr(getattr(cfg, "trainer", None), "collective_timeout_minutes", None)
+    hung = "timed out" in text.lower() or "timeout" in text.lower()
+    what = (f"waited trainer.collective_timeout_minutes={timeout:g} min for a peer rank that never answered (hung: "
+            "stopped, swapping, or stuck in I/O)" if hung and timeout is not None else
+            "lost a peer rank (it died: its own log, or torchrun's summary of the failed rank, says why)")
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
+    return PeerLost(f"rank {rank}: a collective {what}; check the other ranks' logs and the nodes they ran on "
+                    f"[{first}]")
 
 
 def report(prog: str, err: BaseException, rank: int | None = None) -> int:

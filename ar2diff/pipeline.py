@@ -18,6 +18,7 @@ from ar2diff.fs import write_json_atomic
 from ar2diff.preflight import check_phase_inputs, phase_complete
 from ar2diff.run_folder import announce, write_run_record
 from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.faults import Preempted, process_stop
 from ar2diff.trainer.phase import PhaseResult, PhaseTrainer
 from ar2diff.trainer.run_lock import lock_run_dir
 
@@ -86,6 +87,10 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
     reference = next((phase_cfg.data for phase_cfg, _, _ in plan if not phase_cfg.data.chat), None)
     results = []
     for phase_cfg, phase_dir, overrides in plan:
+        if process_stop().should_stop():  # a signal after the last phase's own checks: no next phase starts
+            name = process_stop().name
+            raise Preempted(0, name, f"stopped by {name} before phase {phase_dir.name}, which did not start; re-run "
+                                     "the same command to continue")
         if phase_complete(phase_dir, phase_cfg):
             log.warning("phase %s is complete (export, summary, eval): not redone", phase_dir)
             summary = json.loads((phase_dir / "summary.json").read_text())
@@ -105,7 +110,7 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
 def run(cfg: PhaseConfig, overrides: list[str] = (), resume_overrides: list[str] | None = None) -> list:
     """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does). The start-up lines
     print the resume command with `resume_overrides` (default: `overrides`)."""
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.trainer.collective_timeout_minutes)
     cfg.validate(ctx.world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
     lock = lock_run_dir(run_dir, ctx.rank)  # a second job on this run folder stops here, on every rank

@@ -17,12 +17,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ar2diff.cli_errors import USER_ERRORS, disk_full_anywhere, hydra_errors_in_one_line, report
+from ar2diff.cli_errors import (
+    USER_ERRORS,
+    collective_failure,
+    disk_full_anywhere,
+    hydra_errors_in_one_line,
+    one_line,
+    report,
+)
 from ar2diff.config.compose import to_phase_config
 from ar2diff.config.paths import CONF_DIR, RECIPES_DIR, search_path_override, user_search_path
 from ar2diff.logging import configure_cli_logging
 from ar2diff.run_folder import sweep_job_dirname
-from ar2diff.trainer.faults import Preempted
+from ar2diff.trainer.faults import Preempted, StopRequested, process_stop
 
 # hydra.sweep.dir in conf/config.yaml: run_dir= when given, else a new folder under outputs/<name>/
 OmegaConf.register_new_resolver("ar2diff_or", lambda value, default: default if value is None else value,
@@ -58,10 +65,22 @@ def hydra_main(dict_cfg: DictConfig) -> None:
     except Preempted as stopped:  # the checkpoint is written: exit 0 so a scheduler's requeue resumes
         logging.getLogger("ar2diff").warning("%s", stopped)
         sys.exit(0)
+    except StopRequested as stopped:  # during set-up: nothing trained, nothing half-written
+        logging.getLogger("ar2diff").warning("%s during set-up: nothing was trained; re-run the same command to "
+                                             "start", stopped)
+        sys.exit(0)
     except USER_ERRORS as err:  # one line, once (rank 0), no traceback
         sys.exit(report("ar2diff.train", err))
     except OSError as err:  # a full disk outside a checkpoint save (run record, exports, logs): one line too
         sys.exit(report("ar2diff.train", disk_full_anywhere(err, cfg.run_dir if cfg else None)))
+    except Exception as err:
+        if process_stop().received is not None:  # stopping: a peer that stopped first broke a collective
+            logging.getLogger("ar2diff").warning("stopped by %s (%s); re-run the same command to resume",
+                                                 process_stop().name, one_line(err)[:200])
+            sys.exit(0)
+        if (lost := collective_failure(err, cfg)) is not None:  # a peer died or hung: say so, on every rank
+            sys.exit(report("ar2diff.train", lost, rank=0))
+        raise
 
 
 # Hydra's flags that take a value as the next argument (`--cfg job`, `-cn NAME`…); `--info` takes one optionally
@@ -89,6 +108,7 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 def main() -> None:
     """The command line: Hydra's, with the built-in recipes/ on the search path (after any user folders)."""
+    process_stop().install()  # a stop signal is honoured from here to exit (exit 0, nothing half-written)
     flags, overrides = split_flags(sys.argv[1:])
     sys.argv[1:] = flags + search_path_override(overrides)
 

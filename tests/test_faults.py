@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ar2diff.trainer import run_lock
-from ar2diff.trainer.faults import NonFiniteError, NonFiniteGuard, StopSignal
+from ar2diff.trainer.faults import NonFiniteError, NonFiniteGuard, StopRequested, StopSignal
 from ar2diff.trainer.resume_config import ConfigChanged, check_resume_config, config_differences
 from ar2diff.trainer.run_lock import LOCK_NAME, RunLock, RunLocked
 
@@ -50,6 +50,33 @@ def test_first_signal_sets_the_flag_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.should_stop() and stop.name == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_an_interruptible_section_is_abandoned_at_once_and_the_rest_only_flags():
+    stop = StopSignal()
+    with stop:
+        with pytest.raises(StopRequested, match="stopped by SIGUSR1"):
+            with stop.interruptible():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(5)  # the handler raises inside the sleep: never reached to its end
+                raise AssertionError("not abandoned")
+        assert stop.received == signal.SIGUSR1
+        with pytest.raises(StopRequested):  # a signal that came before the section: it is not started
+            with stop.interruptible():
+                raise AssertionError("entered after a stop")
+
+
+def test_nested_installs_keep_the_handlers_until_the_outermost_exit_and_a_fresh_install_forgets():
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopSignal()
+    with stop:  # the command line, from process start
+        os.kill(os.getpid(), signal.SIGUSR1)  # during composition: the flag stays for the trainer to read
+        with stop:  # the trainer
+            assert stop.should_stop()
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle  # still ours
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with stop:  # a later, unrelated use in the same process starts clean
+        assert not stop.should_stop()
 
 
 @pytest.mark.e2e

@@ -4,6 +4,7 @@ a locked run folder, a changed config on resume, and a full disk."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -184,3 +185,84 @@ def test_disk_full_under_torchrun_is_one_line_from_rank_0_and_no_rank_waits(smal
     assert "--- Logging error ---" not in proc.stderr and "[rank0]:" not in proc.stderr
     assert find_latest_complete(run_dir / "checkpoints", verify="hash").step == 2
     assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_set_up_exits_0_with_nothing_half_written(tmp_path, sig, reference):
+    """From process start: a signal before the first step (composition, BPE training into a fresh cache,
+    tokenization, model build) exits 0 without a traceback; the same command then trains as if never stopped."""
+    cache = tmp_path / "fresh-cache"  # set-up has real work to do: train the BPE, tokenize
+    proc = subprocess.Popen(train_cmd(tmp_path / "run", cache, *BUDGET), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "overrides.yaml").is_file():  # written as the run starts, before set-up
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name} during set-up" in err
+    assert not any((tmp_path / "run" / "checkpoints").glob("step_*"))
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith("tmp")]
+    assert leftovers == []
+    run(train_cmd(tmp_path / "run", cache, *BUDGET))
+    assert losses(tmp_path / "run") == reference
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=`rank` among the launcher's children (torchrun), if it runs yet."""
+    from pathlib import Path
+
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.dist
+def test_a_hung_peer_fails_the_run_after_the_collective_timeout_with_a_message(tmp_path, cache):
+    """SIGSTOP on rank 1 mid-training: rank 0 gives up after trainer.collective_timeout_minutes (here 6 s, stated at
+    start-up) and says what happened, instead of waiting DeepSpeed's silent 10 minutes."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(run_dir, cache, "budget.tokens=20480", "trainer.ckpt_every=2",
+                                      "trainer.collective_timeout_minutes=0.1", ranks=2),
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "step_00000002").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    victim = rank_pid(proc.pid, 1)
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if os.path.exists(f"/proc/{victim}"):
+            os.kill(victim, signal.SIGKILL)
+    waited = time.time() - stopped_at
+    assert proc.returncode != 0 and waited < 90, (waited, err[-3000:])
+    assert "a collective waits 0.1 min for a peer (trainer.collective_timeout_minutes)" in out
+    lines = [line for line in err.splitlines() if "ar2diff.train: error" in line]
+    assert any("rank 0: a collective waited trainer.collective_timeout_minutes=0.1 min for a peer rank that never "
+               "answered" in line for line in lines), err[-3000:]
+
+
+@pytest.mark.dist
+def test_rank_0_alone_may_take_longer_than_the_collective_timeout(tmp_path):
+    """A healthy 2-rank run whose rank-0 sections (BPE training and tokenization into a fresh cache, the export, the
+    phase-end decoder check) each take longer than a 6 s collective timeout: the other rank waits on the separate
+    trainer.rank0_timeout_minutes, and the run completes."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(run_dir, tmp_path / "fresh-cache", "budget.tokens=1024",
+                                    "trainer.collective_timeout_minutes=0.1", "decoder.enabled=true",
+                                    "data.heldout_fraction=0.4", "decoder.num_prompts=8", "decoder.prompt_len=8",
+                                    "decoder.max_new_tokens=64", "decoder.quality.enabled=false", ranks=2),
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["eval_seconds"] > 6  # the decoder check alone outlasted the collective timeout

@@ -75,6 +75,12 @@ class TrainerConfig:
     progress_bar: bool = True  # rank-0 tqdm bar (step, tokens, loss, tokens/s, ETA)
     max_nonfinite_skips: int = 0  # steps with a non-finite loss/grad norm the optimizer dropped that may be skipped
     allow_config_change: bool = False  # resume even if the config changes schedule/data (differences are listed)
+    # when every checkpoint of the run fails its check (corrupted), train from step 0 over them instead of refusing
+    start_over: bool = False
+    # how long a collective waits for a peer before the run fails with a message (a hung or dead rank); the waits
+    # on rank 0 alone (export, light and decoder checks) get rank0_timeout_minutes instead
+    collective_timeout_minutes: float = 10.0
+    rank0_timeout_minutes: float = 240.0
     memory_plan_check: bool = True  # on an accelerator, refuse a config whose memory plan exceeds the device
 
 
@@ -179,6 +185,9 @@ class PhaseConfig:
         for key in ("log_every", "ckpt_every", "keep_last"):
             if getattr(t, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+        if not (t.collective_timeout_minutes > 0 and t.rank0_timeout_minutes > 0):
+            raise ValueError(f"trainer.collective_timeout_minutes={t.collective_timeout_minutes} and "
+                             f"trainer.rank0_timeout_minutes={t.rank0_timeout_minutes} must be > 0")
         if t.export_every < 0:
             raise ValueError(f"trainer.export_every={t.export_every} must be >= 0 (0: no intermediate exports)")
         if t.max_nonfinite_skips < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import NamedTuple
 
 import deepspeed
@@ -64,17 +65,45 @@ def single_process_env(environ: dict[str, str]) -> dict[str, str]:
     return added
 
 
-def init_distributed() -> DistContext:
+def init_distributed(timeout_minutes: float | None = None) -> DistContext:
     """Initialise torch.distributed through DeepSpeed and bind this process to its device.
 
-    Safe to call twice: a second call only reads the already-initialised world. On CPU the first call in a
-    fresh ``TORCH_EXTENSIONS_DIR`` compiles DeepSpeed's shared-memory comm op (~30 s, cached afterwards).
+    timeout_minutes: how long a collective waits for a peer before it fails (`trainer.collective_timeout_minutes`;
+    None: DeepSpeed's 10 minutes). Safe to call twice: a second call only reads the already-initialised world (its
+    timeout is the first call's). On CPU the first call in a fresh ``TORCH_EXTENSIONS_DIR`` compiles DeepSpeed's
+    shared-memory comm op (~30 s, cached afterwards).
     """
     os.environ.update(single_process_env(dict(os.environ)))
     accelerator = get_accelerator()
     local_rank = int(os.environ["LOCAL_RANK"])
     accelerator.set_device(local_rank)  # before the process group, so NCCL/RCCL binds this rank's device
     # Idempotent, and adopts a process group someone else already initialised with torch.distributed.
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                               **timeout)
     device = torch.device(accelerator.device_name(local_rank))
     return DistContext(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
+
+
+_WAIT_GROUPS: dict[float, object] = {}
+
+
+def rank0_wait_group(timeout_minutes: float):
+    """A process group over the whole world whose collectives wait up to `timeout_minutes`: for the barriers where
+    every rank waits on rank 0 alone (the export, the decoder check: tens of minutes at 8B), so that the collective
+    timeout of the training steps can stay short. Created once per timeout (a collective call: every rank calls
+    it at the same point); None in a one-rank world."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return None
+    if timeout_minutes not in _WAIT_GROUPS:
+        backend = get_accelerator().communication_backend_name()
+        _WAIT_GROUPS[timeout_minutes] = torch_dist.new_group(backend=backend,
+                                                             timeout=timedelta(minutes=timeout_minutes))
+    return _WAIT_GROUPS[timeout_minutes]
+
+
+def wait_for_rank0(timeout_minutes: float) -> None:
+    """Every rank waits here until all arrive, up to `timeout_minutes` (see `rank0_wait_group`)."""
+    group = rank0_wait_group(timeout_minutes)
+    if group is not None:
+        torch_dist.barrier(group=group)

@@ -40,10 +40,11 @@ from ar2diff.model.router_balance import RouterBalancer
 from ar2diff.plan.fits import check_plan_fits, device_capacity
 from ar2diff.trainer import standard_callbacks as std
 from ar2diff.trainer.callbacks import Callback, Callbacks, TrainState
-from ar2diff.trainer.distributed import init_distributed
+from ar2diff.trainer.distributed import init_distributed, rank0_wait_group, wait_for_rank0
 from ar2diff.trainer.engine import build_engine, flops_per_token
 from ar2diff.trainer.fault_callbacks import NonFiniteStop, PreemptionStop
-from ar2diff.trainer.faults import Preempted, StopSignal
+from ar2diff.export_format import is_complete_export, read_metadata
+from ar2diff.trainer.faults import Preempted, StopRequested, process_stop
 from ar2diff.trainer.mfu import DensityWindow
 from ar2diff.trainer.resume_config import check_resume_config
 from ar2diff.trainer.router_callback import RouterBalancing
@@ -76,8 +77,7 @@ def prepare_data(cfg: PhaseConfig, tokenizer, rank: int, micro: int, dp_rank: in
     check_inline(cfg.data, tokenizer)  # every rank: data too large to prepare here fails before any rank waits
     if rank == 0:
         prepare(cfg.data, tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
+    wait_for_rank0(cfg.trainer.rank0_timeout_minutes)
     return build_dataloaders(cfg.data, tokenizer, micro, dp_rank, dp_size)
 
 
@@ -92,12 +92,13 @@ class PhaseTrainer:
         self.cfg, self.run_dir, self.group = cfg, Path(run_dir), group
         self.extra_callbacks, self.decoder_check = list(callbacks), decoder_check
         self.reference_data = reference_data  # the pipeline's fixed pretraining held-out set (base-relative quality)
-        self.signal = StopSignal()  # SIGTERM/SIGUSR1/SIGINT: checkpoint, then stop (installed while `run` runs)
+        # SIGTERM/SIGUSR1/SIGINT: the process's one handler (the command line installs it at start; `run` too)
+        self.signal = process_stop()
 
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
 
-        cfg, ctx = self.cfg, init_distributed()
+        cfg, ctx = self.cfg, init_distributed(self.cfg.trainer.collective_timeout_minutes)
         cfg.validate(ctx.world_size)
         # a resume must not silently change the schedule or the data (trainer.allow_config_change=true to allow)
         check_resume_config(self.run_dir, asdict(cfg), resuming=find_latest_complete(self.run_dir / "checkpoints")
@@ -111,6 +112,11 @@ class PhaseTrainer:
         logger = RunLogger(self.run_dir, ctx.rank, name=f"{cfg.name}:{cfg.phase}", group=self.group,
                            config=asdict(cfg), wandb_cfg=cfg.logger)
         logger.print(f"[{cfg.name}] phase {cfg.phase}: {budget.describe()}")
+        if ctx.world_size > 1:
+            t = cfg.trainer
+            logger.print(f"[{cfg.name}] a collective waits {t.collective_timeout_minutes:g} min for a peer "
+                         f"(trainer.collective_timeout_minutes), {t.rank0_timeout_minutes:g} min for rank 0's export and "
+                         "checks (trainer.rank0_timeout_minutes); then the run fails naming the wait")
         if get_accelerator().device_name() == "cpu":  # which dtype pays on this CPU (deepspeed.precision)
             logger.print(f"[{cfg.name}] {cpu_bf16()[1]}; deepspeed.precision={cfg.deepspeed.precision}")
         params = count_params(objective.lm)
@@ -136,7 +142,7 @@ class PhaseTrainer:
                     "recipe": cfg.name, "base_model": cfg.model.path or "scratch"}
         if ctx.rank == 0:
             save_run_assets(state.ckpt_root, model.config, tokenizer, run_meta)
-        client = load_checkpoint(state.engine, state.ckpt_root)
+        client = load_checkpoint(state.engine, state.ckpt_root, start_over=cfg.trainer.start_over)
         # after the weights are loaded: the controller keeps its own fp32 copy of ZAYA's biases
         state.checkpointed["router_balance"] = RouterBalancer(state.lm, cfg.router_balance)
         if client is not None:
@@ -181,7 +187,8 @@ class PhaseTrainer:
     def run(self) -> PhaseResult:
         self.signal.install()
         try:
-            state = self.setup()
+            with self.signal.interruptible():  # a signal during set-up stops it at once (StopRequested)
+                state = self.setup()
             callbacks = Callbacks([*self.default_callbacks(state), *self.extra_callbacks])
             try:
                 callbacks.on_phase_start(state)
@@ -220,20 +227,31 @@ class PhaseTrainer:
         folder = state.run_dir / "exports" / f"step_{state.step:06d}"
         if state.rank == 0:
             export_checkpoint(state.ckpt_root, folder,
-                              extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step})
+                              extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step},
+                              verify=False)  # just saved (and hashed) by this run
             if self.decoder_check:
-                with torch.random.fork_rng(devices=[]):  # the training's RNG stream stays as a resume rebuilds it
-                    result = light_check(cfg=self.cfg, export_dir=folder, heldout=state.data.heldout,
-                                         tokenizer=state.tokenizer, device=state.device)
-                state.logger.log(state.step, light_metrics(result), prefix="light")
-        if dist.is_initialized():
-            dist.barrier()
+                try:  # a signal abandons the light check; the checkpoint of this step is already written
+                    with torch.random.fork_rng(devices=[]), self.signal.interruptible():
+                        result = light_check(cfg=self.cfg, export_dir=folder, heldout=state.data.heldout,
+                                             tokenizer=state.tokenizer, device=state.device)
+                    state.logger.log(state.step, light_metrics(result), prefix="light")
+                except StopRequested as stop:
+                    state.logger.print(f"[{self.cfg.name}] {stop} during the light check of {folder}: abandoned")
+        if self.stop_requested(state, state.device, wait=True):  # every rank: a signal during the export or check
+            state.should_stop = True
 
-    def stop_requested(self, state: TrainState, device) -> bool:
-        """Whether a stop signal reached any rank (collective: every rank calls it at the same point)."""
-        if state.stopped_by is None and self.signal.should_stop(device):
+    def stop_requested(self, state: TrainState, device, wait: bool = False) -> bool:
+        """Whether a stop signal reached any rank (collective: every rank calls it at the same point). wait: the
+        other ranks may be waiting on rank 0's checks here (trainer.rank0_timeout_minutes)."""
+        group = rank0_wait_group(self.cfg.trainer.rank0_timeout_minutes) if wait else None
+        if state.stopped_by is None and self.signal.should_stop(device, group=group):
             state.stopped_by = self.signal.name
         return state.stopped_by is not None
+
+    @staticmethod
+    def exported(state: TrainState) -> bool:
+        """Whether export/ already holds this step's complete export (a re-run after a stop during the check)."""
+        return is_complete_export(state.export_dir) and read_metadata(state.export_dir).get("step") == state.step
 
     def finish(self, state: TrainState) -> None:
         """The end of a phase, in order. A stop signal read between the steps skips what is left but the summary,
@@ -243,18 +261,23 @@ class PhaseTrainer:
             self.save(state)
         if state.stopped_early:
             state.logger.print(f"[{cfg.name}] stopped at step {state.step}: checkpoint saved, no export")
-        elif not self.stop_requested(state, device):  # 2. the export (rank 0; the others wait)
-            if state.rank == 0:
+        elif not self.stop_requested(state, device):  # 2. the export (rank 0; the others wait); a signal lets it end
+            if state.rank == 0 and not self.exported(state):
                 export_checkpoint(state.ckpt_root, state.export_dir,
-                                  extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step})
-            if dist.is_initialized():
-                dist.barrier()
+                                  extra_metadata={"tokens_seen": state.tokens_seen, "step": state.step},
+                                  verify=False)  # saved (hashed) or verified at resume by this run
+            wait_for_rank0(cfg.trainer.rank0_timeout_minutes)
         state.engine.destroy()  # 3. free the training state: the checks load the export on their own
         if self.decoder_check and not state.stopped_early and not self.stop_requested(state, device):
-            state.logger.print(f"[eval] phase-end decoder check on {state.export_dir} ...")  # 4. (rank 0)
-            phase_end_eval(cfg=cfg, export_dir=state.export_dir, run_dir=state.run_dir, logger=state.logger,
-                           step=state.step, data=state.data, tokenizer=state.tokenizer, rank=state.rank,
-                           reference_data=self.reference_data)
+            try:  # 4. (rank 0) a signal abandons it: eval.json is written last, so a re-run does it again
+                with self.signal.interruptible():
+                    state.logger.print(f"[eval] phase-end decoder check on {state.export_dir} ...")
+                    phase_end_eval(cfg=cfg, export_dir=state.export_dir, run_dir=state.run_dir, logger=state.logger,
+                                   step=state.step, data=state.data, tokenizer=state.tokenizer, rank=state.rank,
+                                   reference_data=self.reference_data)
+            except StopRequested as stop:
+                state.logger.print(f"[{cfg.name}] {stop} during the decoder check: abandoned; re-run to check")
+            self.stop_requested(state, device, wait=True)  # every rank learns of a signal rank 0 got meanwhile
         self.write_summary(state)  # 5.
 
     def write_summary(self, state: TrainState) -> None:

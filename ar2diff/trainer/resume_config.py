@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ar2diff.config.schema import PhaseConfig
 from ar2diff.fs import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -23,8 +25,9 @@ CONFIG_NAME = "resolved_config.json"
 # Keys (dotted prefixes) that may change between a run and its resume: they do not alter the trained numbers.
 HARMLESS = ("run_dir", "logger", "decoder", "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last",
             "trainer.heldout_batches", "trainer.peak_flops", "trainer.allow_config_change",
-            "trainer.max_nonfinite_skips", "trainer.memory_plan_check", "data.cache_dir", "data.num_proc", "inputs",
-            "pipeline")
+            "trainer.max_nonfinite_skips", "trainer.memory_plan_check", "trainer.export_every",
+            "trainer.collective_timeout_minutes", "trainer.rank0_timeout_minutes", "trainer.start_over",
+            "data.cache_dir", "data.num_proc", "inputs", "pipeline")
 
 
 class ConfigChanged(ValueError):
@@ -51,13 +54,22 @@ def _harmless(key: str) -> bool:
     return any(key == h or key.startswith(h + ".") for h in HARMLESS)
 
 
+def schema_defaults() -> dict[str, Any]:
+    """The flattened defaults of a phase config, in their stored (JSON) form."""
+    return flatten(json.loads(json.dumps(asdict(PhaseConfig()), default=str)))
+
+
 def config_differences(saved: dict, new: dict) -> list[str]:
-    """'key: saved -> new' for every key whose value differs and that is not in HARMLESS (sorted)."""
+    """'key: saved -> new' for every key whose value differs and that is not in HARMLESS (sorted). A key the saved
+    config lacks (written before the key existed) differs only if its new value is not the schema's default."""
     a, b = flatten(saved), flatten(new)
     missing = object()
+    defaults = schema_defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
         old, cur = a.get(key, missing), b.get(key, missing)
+        if old is missing and key in defaults and cur == defaults[key]:
+            continue
         if old != cur and not _harmless(key):
             show = lambda v: "(unset)" if v is missing else json.dumps(v, default=str)  # noqa: E731
             diffs.append(f"{key}: {show(old)} -> {show(cur)}")
