@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import conf_model  # noqa: E402  (sibling scripts, not a package)
-from router_load import middle_windows  # noqa: E402
+from bench_train import conf_model  # noqa: E402  (a sibling script, not a package)
 
 DEFAULT_HELDOUT_FRACTION = 0.02
 
@@ -110,6 +109,8 @@ def load(args):
     if args.prompts_file:
         prompts = file_prompts(args.prompts_file, tokenizer, args.prompts, args.prompt_len)
     elif args.windows == "middle":
+        from router_load import middle_windows  # a sibling script that imports this one
+
         prompts = middle_windows(tokenizer, args.prompts, args.prompt_len, DEFAULT_HELDOUT_FRACTION, args.seed)
     else:
         prompts = stdlib_prompts(tokenizer, args.prompts, args.prompt_len)
