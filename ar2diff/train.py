@@ -11,6 +11,7 @@ named by its swept overrides, next to Hydra's `multirun.yaml`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,10 +78,17 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         if process_stop().received is not None:  # stopping: a peer that stopped first broke a collective
             logging.getLogger("ar2diff").warning("stopped by %s (%s); re-run the same command to resume",
                                                  process_stop().name, one_line(err)[:200])
-            sys.exit(0)
+            exit_now(0)  # the peer is gone: a clean teardown would wait on it
         if (lost := collective_failure(err, cfg)) is not None:  # a peer died or hung: say so, on every rank
-            sys.exit(report("ar2diff.train", lost, rank=0))
+            exit_now(report("ar2diff.train", lost, rank=0))
         raise
+
+
+def exit_now(code: int) -> None:
+    """Exit without tearing down the process groups: that teardown waits on a peer that is dead or hung."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # Hydra's flags that take a value as the next argument (`--cfg job`, `-cn NAME`…); `--info` takes one optionally

@@ -213,8 +213,13 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the worker with RANK=`rank` among the launcher's children (torchrun), if it runs yet."""
     from pathlib import Path
 
-    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
-    for pid in children.read_text().split() if children.exists() else []:
+    pids = []
+    for children in Path(f"/proc/{launcher_pid}/task").glob("*/children"):  # a child may belong to any thread
+        try:
+            pids += children.read_text().split()
+        except OSError:
+            continue
+    for pid in pids:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import deepspeed
 import torch
 import torch.distributed as torch_dist
+from torch.distributed import distributed_c10d
 from deepspeed.accelerator import get_accelerator
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -78,7 +79,13 @@ def init_distributed(timeout_minutes: float | None = None) -> DistContext:
     local_rank = int(os.environ["LOCAL_RANK"])
     accelerator.set_device(local_rank)  # before the process group, so NCCL/RCCL binds this rank's device
     # Idempotent, and adopts a process group someone else already initialised with torch.distributed.
-    timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+    timeout = {}
+    if timeout_minutes is not None and not torch_dist.is_initialized():
+        timeout["timeout"] = timedelta(minutes=timeout_minutes)
+        # the groups DeepSpeed creates later (data, expert, sequence parallel) take torch's module default, not the
+        # world's timeout: set that default too, or a hung peer is waited on for torch's 30 minutes
+        distributed_c10d.default_pg_timeout = timeout["timeout"]
+        distributed_c10d.default_pg_nccl_timeout = timeout["timeout"]
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                **timeout)
     device = torch.device(accelerator.device_name(local_rank))
