@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ar2diff.fs import pid_alive
+
 try:
     import fcntl
 except ImportError:  # not on every platform; the host/pid/boot check still works
@@ -43,16 +45,6 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _identity() -> dict:
@@ -80,7 +72,7 @@ def owner_alive(owner: dict, fcntl_state: bool | None) -> bool:
     if owner.get("host") == socket.gethostname():
         if owner.get("boot_id") and owner.get("boot_id") != boot_id():
             return False
-        return owner.get("pid") != os.getpid() and _pid_alive(int(owner.get("pid", -1)))
+        return owner.get("pid") != os.getpid() and pid_alive(int(owner.get("pid", -1)))
     return fcntl_state is None  # another host: only a free fcntl lock proves it dead
 
 
