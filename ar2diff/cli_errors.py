@@ -17,7 +17,7 @@ import torch.distributed as dist
 from omegaconf.errors import OmegaConfBaseException
 
 from ar2diff.fs import DiskFull, disk_full_while_writing, is_disk_full
-from ar2diff.trainer.faults import NonFiniteError
+from ar2diff.trainer.faults import NonFiniteError, StopRequested, process_stop
 from ar2diff.trainer.run_lock import RunLocked
 
 RANK0_GRACE_S = 20.0
@@ -76,7 +76,11 @@ def report(prog: str, err: BaseException, rank: int | None = None) -> int:
         # torchrun stops every rank as soon as one exits: give rank 0 (which may still be finishing W&B) the time to
         # print the line; once rank 0 exits, torchrun ends this wait too. Still alive after it: rank 0 did not meet
         # this error (a file only this node lacks, say), so this rank says it, or nobody would
-        time.sleep(RANK0_GRACE_S)
+        try:
+            with process_stop().interruptible():  # torchrun's SIGTERM after rank 0's exit ends the wait, silently
+                time.sleep(RANK0_GRACE_S)
+        except StopRequested:
+            return 1
         print(f"{prog}: error on rank {rank}: {one_line(err)}", file=sys.stderr, flush=True)
     return 1
 

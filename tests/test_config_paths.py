@@ -103,7 +103,7 @@ def test_help_lists_recipes_and_a_bare_run_explains_what_to_run(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "ar2diff.train", "--help"], cwd=tmp_path, env=env(str(REPO)),
                            capture_output=True, text=True, timeout=120)
     assert help_.returncode == 0
-    assert "recipe: ar_pretrain, context_extension, diffusion_sft, quickstart, tidar_midtrain" in help_.stdout
+    assert "recipe: ar_pretrain, context_extension, diffusion_sft, quickstart, reference_smollm2, tidar_midtrain" in help_.stdout
     assert "run_dir=DIR" in help_.stdout and "accelerator" not in help_.stdout + help_.stderr
     bare = subprocess.run([sys.executable, "-m", "ar2diff.train"], cwd=tmp_path, env=env(str(REPO)),
                           capture_output=True, text=True, timeout=120)

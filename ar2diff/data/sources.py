@@ -33,7 +33,8 @@ CHAT_FEATURES = datasets.Features({
 _EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 # pydoc_data holds the library reference's prose (kind=stdlib_docs), not code: the code corpus leaves it out, so the
 # prose stays an out-of-domain set that no stdlib run trains on
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_DOCS_DIR = "pydoc_data"
 STDLIB_DOCS = "pydoc_data/topics.py"
 
 
@@ -110,12 +111,15 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files(pattern: str = "") -> list[str]:
-    """Sorted relative paths of the interpreter's stdlib `.py` files (no site-packages), fnmatch-filtered."""
+def stdlib_files(pattern: str = "", with_docs: bool = False) -> list[str]:
+    """Sorted relative paths of the interpreter's stdlib `.py` files (no site-packages), fnmatch-filtered.
+    `pydoc_data` (the reference's prose, kind=stdlib_docs) only `with_docs`: the BPE's corpus keeps it, so the
+    stdlib tokenizer (and every curve recorded with it) is the one it always was."""
     root = stdlib_root()
+    skip = _SKIP_DIRS if with_docs else _SKIP_DIRS | {_DOCS_DIR}
     rels = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         rel_dir = os.path.relpath(dirpath, root)
         for f in filenames:
             if f.endswith(".py"):

@@ -61,12 +61,13 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
 
 
 def bpe_corpus(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(relative paths, texts) the BPE trains on: readable stdlib files of the train split.
+    """(relative paths, texts) the BPE trains on: readable stdlib files of the train split (the reference's prose in
+    pydoc_data included, as since the first tokenizer).
 
     With `bpe_max_bytes`, files are taken in the order of the hash of their path (a fixed pseudo-random
     sample of the library) until the budget is reached.
     """
-    rels = [r for r in stdlib_files() if not in_heldout(r, cfg.heldout_fraction)]
+    rels = [r for r in stdlib_files(with_docs=True) if not in_heldout(r, cfg.heldout_fraction)]
     if cfg.bpe_max_bytes is not None:
         chosen, total = [], 0
         for r in sorted(rels, key=unit_hash):

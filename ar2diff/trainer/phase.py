@@ -2,8 +2,10 @@
 
 Every optimizer step takes `grad_accum_steps` micro batches of this rank's rows, each a forward of the
 `TidarObjective` through the DeepSpeed engine; a checkpoint follows every `trainer.ckpt_every` steps and every step
-a callback asks for. The end of a phase is plain code, `finish`: final checkpoint, export, engine released, decoder
-check, summary, with the stop signal read between those steps. What is pluggable (metrics and MFU, held-out eval,
+a callback asks for, and every `trainer.export_every` steps an intermediate export with its light check. The end of
+a phase is plain code, `finish`: final checkpoint, export, engine released, decoder check, summary, with the stop
+signal read between those steps; set-up and the checks are `interruptible` (a signal abandons them at once, nothing
+half-written), an export runs to its end. What is pluggable (metrics and MFU, held-out eval,
 the non-finite guard, the preemption check, router balancing, the progress bar) is a callback (trainer/callbacks.py
 for the hooks, trainer/standard_callbacks.py for the built-ins). The data position, tokens seen, RNG state and the
 router's controller are saved with every checkpoint (`TrainState.state_dict`), so a resumed run sees exactly the
