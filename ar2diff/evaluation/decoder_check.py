@@ -87,6 +87,13 @@ def sampler_configs(dcfg: DecoderEvalConfig, eos_id, block_size: int, temperatur
     return cfgs
 
 
+def warm_up(tidar_lm, prompts: list, cfgs: dict) -> None:
+    """Decode a few tokens of the first prompt with every sampler (lazy init, allocator), so the first timed sampler
+    pays nothing extra."""
+    for cfg in cfgs.values():
+        run_decoder(tidar_lm, prompts[:1], replace(cfg, max_new_tokens=min(4, cfg.max_new_tokens)))
+
+
 def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch.Tensor], dcfg: DecoderEvalConfig,
                         eos_id,
                         heldout_batches: int, micro_batch: int, tokenizer=None) -> dict:
@@ -105,8 +112,7 @@ def evaluate_checkpoint(objective: TidarObjective, heldout_rows: dict[str, torch
     prompts = [heldout_rows["input_ids"][r, s:s + dcfg.prompt_len].tolist() for r, s in picks]
 
     cfgs = sampler_configs(dcfg, eos_id, block_size, dcfg.temperature)
-    for cfg in cfgs.values():  # warm-up (lazy init, allocator) so the first timed sampler pays nothing extra
-        run_decoder(tidar_lm, prompts[:1], replace(cfg, max_new_tokens=min(4, dcfg.max_new_tokens)))
+    warm_up(tidar_lm, prompts, cfgs)
     results = {name: run_decoder(tidar_lm, prompts, cfg, tokenizer)  # a bar: the check takes minutes at scale
                for name, cfg in tqdm(cfgs.items(), desc="phase-end check: decoding", unit="sampler", leave=False)}
     ar_summary = summarize(results["ar"])

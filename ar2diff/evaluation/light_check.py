@@ -20,7 +20,7 @@ from ar2diff.decode.agreement import agreement_curve
 from ar2diff.decode.common import eos_of, summarize
 from ar2diff.decode.metrics import tpf_interval
 from ar2diff.decode.run import run_decoder
-from ar2diff.evaluation.decoder_check import agreement, sampler_configs
+from ar2diff.evaluation.decoder_check import agreement, sampler_configs, warm_up
 from ar2diff.evaluation.heldout import heldout_losses, read_heldout, select_prompts
 from ar2diff.export_format import read_metadata
 from ar2diff.fs import write_json_atomic
@@ -45,8 +45,7 @@ def light_check(*, cfg, export_dir, heldout, tokenizer, device=None) -> dict:
                for r, s in select_prompts(rows, dcfg.light_prompts, dcfg.prompt_len)]
     block = lm.block_size if dcfg.block_size is None else int(dcfg.block_size)
     cfgs = sampler_configs(replace(dcfg, mix_weights=[]), eos_of(lm.lm, tokenizer), block, temperature=0.0)
-    for c in cfgs.values():  # warm-up, so the first timed sampler pays nothing extra
-        run_decoder(lm, prompts[:1], replace(c, max_new_tokens=min(4, dcfg.max_new_tokens)))
+    warm_up(lm, prompts, cfgs)
     results = {name: run_decoder(lm, prompts, c) for name, c in cfgs.items()}
     ar, lossless = summarize(results["ar"]), summarize(results["lossless"])
     tpf = tpf_interval(results["lossless"], confidence=dcfg.quality.confidence, seed=dcfg.seed)
