@@ -17,7 +17,7 @@ import torch.distributed as dist
 from omegaconf.errors import OmegaConfBaseException
 
 from ar2diff.fs import DiskFull, disk_full_while_writing, is_disk_full
-from ar2diff.trainer.faults import NonFiniteError, StopRequested, process_stop
+from ar2diff.trainer.faults import NonFiniteError, StopRequested, process_stop, silent_peers
 from ar2diff.trainer.run_lock import RunLocked
 
 RANK0_GRACE_S = 20.0
@@ -42,7 +42,12 @@ def disk_full_anywhere(err: OSError, folder: str | None = None) -> OSError:
 
 
 class PeerLost(RuntimeError):
-    """A collective failed because another rank died or hung."""
+    """A collective failed because another rank died or hung. `silent`: the peers that left no exit word (dead or
+    hung), [] when every peer ended on purpose, None when that cannot be told (the store's host is gone)."""
+
+    def __init__(self, message: str, silent: list[int] | None = None):
+        super().__init__(message)
+        self.silent = silent
 
 
 COLLECTIVE_MARKS = ("gloo", "nccl", "rccl", "connection closed by peer", "connection reset by peer", "timed out",
@@ -50,21 +55,29 @@ COLLECTIVE_MARKS = ("gloo", "nccl", "rccl", "connection closed by peer", "connec
 
 
 def collective_failure(err: BaseException, cfg=None) -> PeerLost | None:
-    """A `PeerLost` naming this rank and what to check when `err` is a failed collective (a peer died, or hung past
-    trainer.collective_timeout_minutes); None for any other error."""
+    """A `PeerLost` naming this rank, the peer(s) that ended or hung without a word and what to check, when `err`
+    is a failed collective (a peer died, or hung past trainer.collective_timeout_minutes); None for any other
+    error."""
     text = str(err)
     backend_error = getattr(dist, "DistBackendError", ())
     if not (isinstance(err, backend_error) or any(m in text.lower() for m in COLLECTIVE_MARKS)):
         return None
     rank = os.environ.get("RANK", "0")
+    silent = silent_peers()
+    if silent:
+        shown = ", ".join(map(str, silent[:8])) + (f" and {len(silent) - 8} more" if len(silent) > 8 else "")
+        peer = f"peer rank{'s' if len(silent) > 1 else ''} {shown}"
+    else:
+        peer = "a peer rank"
     timeout = getattr(getattr(cfg, "trainer", None), "collective_timeout_minutes", None)
     hung = "timed out" in text.lower() or "timeout" in text.lower()
-    what = (f"waited trainer.collective_timeout_minutes={timeout:g} min for a peer rank that never answered (hung: "
+    what = (f"waited trainer.collective_timeout_minutes={timeout:g} min for {peer}, which never answered (hung: "
             "stopped, swapping, or stuck in I/O)" if hung and timeout is not None else
-            "lost a peer rank (it died: its own log, or torchrun's summary of the failed rank, says why)")
+            f"lost {peer} (it ended without a word: killed, out of memory or crashed; its own log, or the "
+            "launcher's summary of the failed rank, says why)")
     first = text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
-    return PeerLost(f"rank {rank}: a collective {what}; check the other ranks' logs and the nodes they ran on "
-                    f"[{first}]")
+    return PeerLost(f"rank {rank}: a collective {what}; check that rank's log and the node it ran on [{first}]",
+                    silent)
 
 
 def report(prog: str, err: BaseException, rank: int | None = None) -> int:

@@ -110,7 +110,7 @@ def run_pipeline(cfg: PhaseConfig, user_overrides: list[str], run_dir: Path) -> 
 def run(cfg: PhaseConfig, overrides: list[str] = (), resume_overrides: list[str] | None = None) -> list:
     """Run a phase or a pipeline from a composed config (what `python -m ar2diff.train` does). The start-up lines
     print the resume command with `resume_overrides` (default: `overrides`)."""
-    ctx = init_distributed(cfg.trainer.collective_timeout_minutes)
+    ctx = init_distributed(cfg.trainer.collective_timeout_minutes, cfg.trainer.rank0_timeout_minutes)
     cfg.validate(ctx.world_size)  # fail before any work; each phase validates its own config too
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.name)
     lock = lock_run_dir(run_dir, ctx.rank)  # a second job on this run folder stops here, on every rank

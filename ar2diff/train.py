@@ -30,7 +30,7 @@ from ar2diff.config.compose import to_phase_config
 from ar2diff.config.paths import CONF_DIR, RECIPES_DIR, search_path_override, user_search_path
 from ar2diff.logging import configure_cli_logging
 from ar2diff.run_folder import sweep_job_dirname
-from ar2diff.trainer.faults import Preempted, StopRequested, process_stop
+from ar2diff.trainer.faults import Preempted, StopRequested, leave_exit_word, process_stop
 
 # hydra.sweep.dir in conf/config.yaml: run_dir= when given, else a new folder under outputs/<name>/
 OmegaConf.register_new_resolver("ar2diff_or", lambda value, default: default if value is None else value,
@@ -64,22 +64,30 @@ def hydra_main(dict_cfg: DictConfig) -> None:
             cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / sweep_job_dirname(task, job_num=hydra_cfg.job.num))
         run(cfg, task, resume_overrides=[*user_search_path(list(hydra_cfg.overrides.hydra)), *task])
     except Preempted as stopped:  # the checkpoint is written: exit 0 so a scheduler's requeue resumes
+        leave_exit_word("stopped")
         logging.getLogger("ar2diff").warning("%s", stopped)
         sys.exit(0)
     except StopRequested as stopped:  # during set-up: nothing trained, nothing half-written
+        leave_exit_word("stopped")
         logging.getLogger("ar2diff").warning("%s during set-up: nothing was trained; re-run the same command to "
                                              "start", stopped)
         sys.exit(0)
     except USER_ERRORS as err:  # one line, once (rank 0), no traceback
+        leave_exit_word("error")
         sys.exit(report("ar2diff.train", err))
     except OSError as err:  # a full disk outside a checkpoint save (run record, exports, logs): one line too
+        leave_exit_word("error")
         sys.exit(report("ar2diff.train", disk_full_anywhere(err, cfg.run_dir if cfg else None)))
     except Exception as err:
-        if process_stop().received is not None:  # stopping: a peer that stopped first broke a collective
+        lost = collective_failure(err, cfg)  # a peer died or hung: which one (the peers that left no exit word)
+        if process_stop().received is not None and not (lost is not None and lost.silent):
+            # stopping, and every peer ended on purpose: a peer that stopped first broke a collective
+            leave_exit_word("stopped")
             logging.getLogger("ar2diff").warning("stopped by %s (%s); re-run the same command to resume",
                                                  process_stop().name, one_line(err)[:200])
             exit_now(0)  # the peer is gone: a clean teardown would wait on it
-        if (lost := collective_failure(err, cfg)) is not None:  # a peer died or hung: say so, on every rank
+        if lost is not None:  # said on every rank (the launcher's stop signal after a death is not "stopped")
+            leave_exit_word("error")
             exit_now(report("ar2diff.train", lost, rank=0))
         raise
 

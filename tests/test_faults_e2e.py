@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from ar2diff.checkpoint.resume import find_latest_complete
 from tiny import env, losses, run, train_cmd
 
 pytestmark = pytest.mark.e2e
@@ -128,7 +129,6 @@ def quiet_stderr(proc) -> list[str]:
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint_and_says_so_in_one_line(small_disk, cache):
-    from ar2diff.checkpoint.resume import find_latest_complete
 
     run_dir = small_disk / "run"  # each checkpoint of the tiny model is ~3.6 MB: the second one does not fit
     proc = subprocess.run(train_cmd(run_dir, cache, "budget.tokens=2048", "trainer.ckpt_every=2",
@@ -170,7 +170,6 @@ def test_a_disk_filled_by_another_writer_while_wandb_runs_gives_one_line(small_d
 def test_disk_full_under_torchrun_is_one_line_from_rank_0_and_no_rank_waits(small_disk, cache):
     """Two ranks share the small disk: the save fails on one or both; both stop at once (not after the process-group
     timeout) and the user reads one line, from rank 0, naming the failed rank(s)."""
-    from ar2diff.checkpoint.resume import find_latest_complete
 
     run_dir = small_disk / "run"
     started = time.time()
@@ -230,6 +229,69 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
 
 
 @pytest.mark.dist
+def test_a_signal_to_both_ranks_while_rank_0_tokenizes_exits_0_on_each(tmp_path):
+    """Rank 0 tokenizes the whole library into a fresh cache while rank 1 waits for it; SIGTERM to each rank (what a
+    scheduler sends): both exit 0 within seconds, nothing half-written, and the same command then trains. (The wait
+    group was once created beside rank 0's work: rank 1 then sat in a store wait that neither the signal nor rank
+    0's exit ended.)"""
+    cache, run_dir = tmp_path / "fresh-cache", tmp_path / "run"
+    cmd = train_cmd(run_dir, cache, *BUDGET, "data.sources.0.path=*", ranks=2)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not list(cache.glob("**/tokenizer/bpe-*/tokenizer.json")):  # the BPE is done: tokenization starts
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(2.0)  # rank 0 tokenizes (several seconds here); rank 1 waits at the barrier
+        ranks = [rank_pid(proc.pid, r) for r in (0, 1)]
+        assert None not in ranks, "a rank had already exited"
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        signalled = time.time()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and time.time() - signalled < 60, err[-3000:]  # torchrun: every rank exited 0
+    assert err.count("stopped by SIGTERM during set-up") == 2 and "Traceback" not in err, err[-3000:]
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step_*"))
+    assert [p for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+    again = run(cmd, timeout=400)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] != "stopped", again.stderr[-2000:]
+    assert find_latest_complete(run_dir / "checkpoints").step == 10
+
+
+@pytest.mark.dist
+def test_a_stop_sent_to_every_process_of_the_job_is_one_stop_not_a_kill(tmp_path, cache):
+    """A scheduler's SIGTERM reaches torchrun and each rank, and torchrun forwards its own copy to each rank: the
+    ranks get it twice within milliseconds. That repeat is the same stop (not the second signal that exits at once),
+    so the ranks still checkpoint the step they stop at and say "stopped" (once, it killed them with 143 and the
+    steps since the last periodic checkpoint were lost)."""
+    run_dir, out_path, err_path = tmp_path / "run", tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(train_cmd(run_dir, cache, "budget.tokens=40960", "trainer.ckpt_every=1000", ranks=2),
+                                env=env(), stdout=out, stderr=err, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "[train step 3]" not in out_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.05)
+        for pid in [proc.pid, rank_pid(proc.pid, 0), rank_pid(proc.pid, 1)]:
+            os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = err_path.read_text()
+    stopped = [int(m) for m in re.findall(r"stopped by SIGTERM at step (\d+); checkpoint saved", err)]
+    assert len(stopped) == 2 and stopped[0] == stopped[1] >= 3, err[-3000:]
+    assert "Killed" not in err and "exitcode  : 143" not in err
+    assert find_latest_complete(run_dir / "checkpoints", verify="hash").step == stopped[0]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
+@pytest.mark.dist
 def test_a_hung_peer_fails_the_run_after_the_collective_timeout_with_a_message(tmp_path, cache):
     """SIGSTOP on rank 1 mid-training: rank 0 gives up after trainer.collective_timeout_minutes (here 6 s, stated at
     start-up) and says what happened, instead of waiting DeepSpeed's silent 10 minutes."""
@@ -253,8 +315,34 @@ def test_a_hung_peer_fails_the_run_after_the_collective_timeout_with_a_message(t
     assert proc.returncode != 0 and waited < 90, (waited, err[-3000:])
     assert "a collective waits 0.1 min for a peer (trainer.collective_timeout_minutes)" in out
     lines = [line for line in err.splitlines() if "ar2diff.train: error" in line]
-    assert any("rank 0: a collective waited trainer.collective_timeout_minutes=0.1 min for a peer rank that never "
+    assert any("rank 0: a collective waited trainer.collective_timeout_minutes=0.1 min for peer rank 1, which never "
                "answered" in line for line in lines), err[-3000:]
+
+
+@pytest.mark.dist
+def test_a_peer_killed_mid_step_is_named_by_the_survivor_not_taken_for_a_stop(tmp_path, cache):
+    """SIGKILL on rank 1 mid-training: rank 0's collective breaks and torchrun then sends it SIGTERM. Rank 0 says, in
+    one line, that it lost peer rank 1, which ended without a word (a rank that ends on purpose leaves one in the
+    rendezvous store), instead of "stopped by SIGTERM ... re-run to resume" or gloo's traceback."""
+    run_dir, out_path, err_path = tmp_path / "run", tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(train_cmd(run_dir, cache, "budget.tokens=40960", "trainer.ckpt_every=1000", ranks=2),
+                                env=env(), stdout=out, stderr=err, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "[train step 3]" not in out_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = err_path.read_text()
+    lines = [line for line in err.splitlines() if "ar2diff.train: error" in line]
+    assert proc.returncode != 0 and len(lines) == 1, err[-3000:]
+    assert "rank 0: a collective lost peer rank 1 (it ended without a word: killed" in lines[0], lines
+    assert "stopped by" not in err and "[rank0]: Traceback" not in err
 
 
 @pytest.mark.dist

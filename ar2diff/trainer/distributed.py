@@ -66,11 +66,13 @@ def single_process_env(environ: dict[str, str]) -> dict[str, str]:
     return added
 
 
-def init_distributed(timeout_minutes: float | None = None) -> DistContext:
+def init_distributed(timeout_minutes: float | None = None, rank0_timeout_minutes: float | None = None) -> DistContext:
     """Initialise torch.distributed through DeepSpeed and bind this process to its device.
 
     timeout_minutes: how long a collective waits for a peer before it fails (`trainer.collective_timeout_minutes`;
-    None: DeepSpeed's 10 minutes). Safe to call twice: a second call only reads the already-initialised world (its
+    None: DeepSpeed's 10 minutes). rank0_timeout_minutes: the wait group of `rank0_wait_group` is created here, at a
+    point every rank passes before any rank-0-only work (creating it later, beside that work, leaves the others in a
+    store wait that neither rank 0's exit nor a signal ends). Safe to call twice: a second call only reads the already-initialised world (its
     timeout is the first call's). On CPU the first call in a fresh ``TORCH_EXTENSIONS_DIR`` compiles DeepSpeed's
     shared-memory comm op (~30 s, cached afterwards).
     """
@@ -88,6 +90,8 @@ def init_distributed(timeout_minutes: float | None = None) -> DistContext:
         distributed_c10d.default_pg_nccl_timeout = timeout["timeout"]
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                **timeout)
+    if rank0_timeout_minutes is not None:
+        rank0_wait_group(rank0_timeout_minutes)
     device = torch.device(accelerator.device_name(local_rank))
     return DistContext(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
 
@@ -99,7 +103,8 @@ def rank0_wait_group(timeout_minutes: float):
     """A process group over the whole world whose collectives wait up to `timeout_minutes`: for the barriers where
     every rank waits on rank 0 alone (the export, the decoder check: tens of minutes at 8B), so that the collective
     timeout of the training steps can stay short. Created once per timeout (a collective call: every rank calls
-    it at the same point); None in a one-rank world."""
+    it at the same point; `init_distributed(rank0_timeout_minutes=...)` does, before any rank-0-only work); None in
+    a one-rank world."""
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return None
     if timeout_minutes not in _WAIT_GROUPS:

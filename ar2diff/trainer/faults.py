@@ -9,7 +9,10 @@ Both are plain objects the training loop asks once per optimizer step, so they w
   norm is inf/NaN; without ZeRO the update is applied and the weights are already poisoned, so the run stops).
 - `StopSignal`: SIGTERM, SIGUSR1 and SIGINT (what schedulers send before preemption) set a flag; `should_stop()`
   all-reduces it at a step boundary so every rank stops at the same step even when only some were signalled. The
-  loop then saves a checkpoint and exits 0, and the same command resumes. A second signal exits at once. Inside an
+  loop then saves a checkpoint and exits 0, and the same command resumes. A second signal exits at once, except a
+  repeat of the same signal within `FORWARD_WINDOW_S` of the first: that is one stop reaching a rank twice (a
+  scheduler signals every process of the job, and the launcher, torchrun or deepspeed's, forwards its own copy to
+  each rank), and it must not turn a clean stop into a kill that loses the checkpoint. Inside an
   `interruptible()` section (set-up, the decoder check: work that holds nothing half-written and can take minutes)
   the signal raises `StopRequested` at once instead. `process_stop()` is the one instance of the process: the
   command line installs it at start, so a signal is honoured from process start to exit.
@@ -21,16 +24,22 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# A repeat of the first stop signal this soon after it is the same request arriving again (the launcher's forwarded
+# copy comes within its monitor interval: 0.1 s for torchrun, at once for deepspeed's), not a second request.
+FORWARD_WINDOW_S = 5.0
 
 
 class NonFiniteError(RuntimeError):
@@ -95,25 +104,31 @@ class StopSignal:
     Use as a context manager (or install/uninstall, which nest: the outermost pair owns the handlers, so the command
     line can install it at start and a trainer inside again); the previous handlers come back at the outermost
     exit. The first signal only sets a flag, except inside `interruptible()`, where it raises `StopRequested`; a
-    second one ends the process at once with 128 + signal number, the shell's convention for death by signal.
+    second one ends the process at once with 128 + signal number, the shell's convention for death by signal, unless
+    it is the same signal within `forward_window_s` of the first (the launcher forwarding the same stop: ignored).
     """
 
-    def __init__(self, signals=STOP_SIGNALS):
+    def __init__(self, signals=STOP_SIGNALS, forward_window_s: float = FORWARD_WINDOW_S):
         self.signals = tuple(signals)
+        self.forward_window_s = forward_window_s
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict = {}
         self._installed = 0
         self._interruptible = 0
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
+            if signum == self.received and time.monotonic() - self._received_at < self.forward_window_s:
+                return  # the same stop again (forwarded by the launcher): keep stopping cleanly
             os._exit(128 + signum)
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         if self._interruptible:
-            log.warning("received %s: stopping now (send again to exit at once)", signal.Signals(signum).name)
+            log.warning("received %s: stopping now (send it again %g s on to exit at once)", signal.Signals(signum).name,
+                        self.forward_window_s)
             raise StopRequested(self.name)
-        log.warning("received %s: stopping at the next step boundary after a checkpoint (send again to exit now)",
-                    signal.Signals(signum).name)
+        log.warning("received %s: stopping at the next step boundary after a checkpoint (send it again %g s on to "
+                    "exit now)", signal.Signals(signum).name, self.forward_window_s)
 
     def install(self) -> "StopSignal":
         """Catch the stop signals from now on (main thread only); returns self. A fresh outermost install forgets a
@@ -174,3 +189,39 @@ _PROCESS_STOP = StopSignal()
 def process_stop() -> StopSignal:
     """The process's stop signal: what the command line installs at start and every trainer of the process uses."""
     return _PROCESS_STOP
+
+
+# Word a rank leaves in the rendezvous store (torchrun's agent, or rank 0 under an env:// launch) when it ends on
+# purpose: a peer whose collective breaks as it exits can then tell a stop or an error (word left) from a rank
+# that died or hung (none).
+EXIT_WORD = "ar2diff/exit/{rank}"
+STORE_WAIT = timedelta(seconds=10)
+
+
+def _store():
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return distributed_c10d._get_default_store()
+
+
+def leave_exit_word(kind: str) -> None:
+    """Record that this rank ends on purpose (`kind`: "stopped", "error"); best effort, it is on the way out."""
+    try:
+        if (store := _store()) is not None:
+            store.set_timeout(STORE_WAIT)
+            store.set(EXIT_WORD.format(rank=dist.get_rank()), kind)
+    except Exception:  # the store's host is gone: nobody is left to read the word
+        pass
+
+
+def silent_peers() -> list[int] | None:
+    """The other ranks that left no exit word: dead (killed, out of memory, crashed) or hung. None when there are
+    no peers or the store cannot be read (its host is gone too)."""
+    try:
+        if (store := _store()) is None:
+            return None
+        store.set_timeout(STORE_WAIT)
+        me = dist.get_rank()
+        return [r for r in range(dist.get_world_size()) if r != me and not store.check([EXIT_WORD.format(rank=r)])]
+    except Exception:
+        return None

@@ -100,7 +100,8 @@ class PhaseTrainer:
     def setup(self) -> TrainState:
         """Tokenizer, objective-with-model, data, DeepSpeed engine; restores the newest complete checkpoint."""
 
-        cfg, ctx = self.cfg, init_distributed(self.cfg.trainer.collective_timeout_minutes)
+        cfg, ctx = self.cfg, init_distributed(self.cfg.trainer.collective_timeout_minutes,
+                                                 self.cfg.trainer.rank0_timeout_minutes)
         cfg.validate(ctx.world_size)
         # a resume must not silently change the schedule or the data (trainer.allow_config_change=true to allow)
         check_resume_config(self.run_dir, asdict(cfg), resuming=find_latest_complete(self.run_dir / "checkpoints")
