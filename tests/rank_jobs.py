@@ -6,7 +6,7 @@ JOBS_JSON maps a job name to its arguments; each job runs in the same two ranks,
 under ``OUT/<job>``:
 
 - ``dist``: ``dist_worker.run`` for each spec of ``{"specs": [...]}``; rank 0 writes ``dist/results.json``;
-- ``sp``: the ``sp_worker`` modes of ``{"modes": "model,engine,flex,stock"}``; rank 0 writes ``sp/results.json``;
+- ``sp``: the ``sp_worker`` modes of ``{"modes": "model,engine,flex,long,flex_long,stock"}``; rank 0 writes ``sp/results.json``;
 - ``ckpt_train``: ``ckpt_worker.train_and_save`` (ZeRO-1/2/3 checkpoints and their expectations);
 - ``ckpt_fail``: ``ckpt_worker.fail_on_rank_1`` (a save failing on rank 1 only);
 - ``autoep``: ``autoep_worker.train_and_save`` for each case of ``{"cases": [...]}`` (all when empty).
@@ -47,12 +47,10 @@ def _write(path: Path, results: dict) -> None:
 
 
 def sp_modes(out: Path, modes: list[str], name: str) -> None:
-    functions = {"model": sp_worker.model_mode, "engine": sp_worker.engine_mode, "stock": sp_worker.stock_mode,
-                 "flex": sp_worker.flex_mode}
     results, seconds = {}, {}
     for mode in modes:
         start = time.perf_counter()
-        results[mode] = functions[mode]()
+        results[mode] = sp_worker.MODES[mode]()
         seconds[mode] = time.perf_counter() - start
     results["seconds"] = seconds
     _write(out / name / "results.json", results)

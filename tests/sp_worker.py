@@ -147,6 +147,153 @@ def _flex_forward(group) -> dict:
     return {"loss": float(loss), "ref_loss": float(ref)}
 
 
+# Long rows (issue: the suite once checked S = 16 only): one row of LONG tokens whose documents cross every shard
+# edge for P = 2 and 4 (1001 + 2900 + 150 tokens, then padding), so blocks straddle the edges too.
+LONG = 4096
+FLEX_LONG = 8192
+
+
+def long_batch(seq: int = LONG, seed: int = 11, first: int = 1001) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [first, seq - first - 150 - 45, 150]
+    docs = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)] + [torch.full((45,), -1)])[None]
+    return {"input_ids": torch.randint(3, MASK_ID, (1, seq), generator=g), "doc_ids": docs,
+            "loss_mask": torch.ones(1, seq, dtype=torch.bool)}
+
+
+def long_model(arch: str, config: dict | None = None, attn: str = "sdpa", diff_target: str = "data"):
+    from ar2diff.model import TidarLM, build_model
+    from ar2diff.objective import DiffTarget, TidarObjective
+
+    overrides = {**TINY_CONFIGS[arch], **ARCHS.get(arch, {}), "max_position_embeddings": 2 * FLEX_LONG,
+                 **(config or {})}
+    lm = randomize(build_model(overrides, attn_implementation=attn, seed=0), 0)
+    model = TidarObjective(TidarLM(lm, MASK_ID, BLOCK), mask_ratio=0.5,
+                           aux_coef=0.1 if arch == "qwen3_moe" else None,
+                           diff_target=DiffTarget(diff_target, weight=0.3, temperature=1.5))
+    return model.train()
+
+
+def compare_sharded(group, size: int, arch: str, config: dict | None = None, b: dict | None = None,
+                    diff_target: str = "data") -> dict:
+    """The summed loss shares and gradients of `size` SP ranks against the same model unsharded (SDPA core)."""
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel
+
+    b = long_batch() if b is None else b
+    reference = long_model(arch, config, diff_target=diff_target)
+    ref = reference(**b, generator=torch.Generator().manual_seed(3))
+    ref.loss.backward()
+    model = long_model(arch, config, diff_target=diff_target)
+    install_sequence_parallel(model, group, micro_batch_size=1)
+    out = model(**b, generator=torch.Generator().manual_seed(3))
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss, group=group)
+    got = grads(model)
+    for g in got.values():
+        dist.all_reduce(g, group=group)
+    return {"loss": float(loss), "ref_loss": float(ref.loss), "grad_rel": rel_errors(got, grads(reference))}
+
+
+ZAYA_NO_WINDOW = {"cca_time0": 1, "cca_time1": 1}  # convolution window 0: only the delayed value looks back
+
+
+def long_mode() -> dict:
+    """SP = 2 at S = 4096 with the SDPA core: Llama, Qwen3-MoE with the AR diffusion target, ZAYA with a window of
+    0 (and, as a control, its halo forced to 0, the old sizing); held-out losses under SP against one rank."""
+    import ar2diff.objective.sharded as sharded
+    from ar2diff.evaluation.heldout import heldout_losses
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, sequence_parallel_mpu
+
+    group = sequence_parallel_mpu(2).get_sequence_parallel_group()
+    results = {"llama": compare_sharded(group, 2, "llama"),
+               "qwen3_moe/ar": compare_sharded(group, 2, "qwen3_moe", diff_target="ar"),
+               "zaya_window0": compare_sharded(group, 2, "zaya", ZAYA_NO_WINDOW)}
+    original = sharded.halo_length
+    sharded.halo_length = lambda lm: 0
+    try:
+        results["zaya_window0_halo0"] = compare_sharded(group, 2, "zaya", ZAYA_NO_WINDOW)
+    finally:
+        sharded.halo_length = original
+
+    second = long_batch(seed=12, first=2999)
+    rows = {k: torch.cat([v, second[k]]) for k, v in long_batch().items()}  # two rows, one micro batch each
+    reference = long_model("llama").eval()
+    model = long_model("llama").eval()
+    install_sequence_parallel(model, group, micro_batch_size=1)
+    with torch.no_grad():
+        results["heldout"] = {"sp": heldout_losses(model, _rows(rows), 1, seed=5),
+                              "ref": heldout_losses(reference, _rows(rows), 1, seed=5)}
+    return results
+
+
+def _rows(rows: dict) -> dict:
+    """Held-out rows as the data loader gives them: position ids restart at each document (0 on padding)."""
+    docs = rows["doc_ids"]
+    idx = torch.arange(docs.shape[1]).expand_as(docs)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    start_of = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return {**rows, "position_ids": torch.where(docs >= 0, idx - start_of, 0)}
+
+
+def flex_long_mode() -> dict:
+    """SP = 2, flex core, one row of S = 8192 whose documents cross the shard edge: the loss against the unsharded
+    SDPA forward (forward only: no flex backward on CPU), and the BlockMask the sharded forward used."""
+    from ar2diff.model import TidarLM, build_model
+    from ar2diff.objective import TidarObjective
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, sequence_parallel_mpu
+
+    group = sequence_parallel_mpu(2).get_sequence_parallel_group()
+    # a fresh compile: after the short flex mode's, dynamo recompiles with symbolic lengths, whose CPU flex kernel
+    # inductor (torch 2.13) fails to compile (undeclared split-size variables in the generated C++)
+    torch._dynamo.reset()
+    b = long_batch(FLEX_LONG)
+    config = {**TINY_CONFIGS["llama"], "max_position_embeddings": 2 * FLEX_LONG}
+    lm = randomize(build_model(config, attn_implementation="flex_attention", seed=0), 0)
+    model = TidarObjective(TidarLM(lm, MASK_ID, BLOCK), mask_ratio=0.5).eval()
+    install_sequence_parallel(model, group, micro_batch_size=1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        loss = model(**b, generator=torch.Generator().manual_seed(3)).loss
+        seconds = time.perf_counter() - start
+        ref = long_model("llama").eval()(**b, generator=torch.Generator().manual_seed(3)).loss
+    dist.all_reduce(loss, group=group)
+    return {"loss": float(loss), "ref_loss": float(ref), "seconds": seconds}
+
+
+def sp4_mode() -> dict:
+    """4 ranks, one SP = 4 group at S = 4096: ZAYA with a window of 0 (model, gradients), and the DeepSpeed engine at
+    ZeRO-1 and ZeRO-3 against one rank (loss and full gradients, scaled as the trainer scales them)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from ar2diff.trainer.engine import EngineConfig, build_engine
+    from ar2diff.trainer.schedule import ScheduleConfig
+    from ar2diff.trainer.sequence_parallel import loss_scale, sequence_parallel_mpu
+
+    group = sequence_parallel_mpu(4).get_sequence_parallel_group()
+    results = {"zaya_window0": compare_sharded(group, 4, "zaya", ZAYA_NO_WINDOW)}
+    b = long_batch()
+    for stage in (1, 3):
+        reference = long_model("llama")
+        ref = reference(**b, generator=torch.Generator().manual_seed(3))
+        ref.loss.backward()
+        cfg = EngineConfig(zero_stage=stage, precision="fp32", micro_batch_size=1, sequence_parallel_size=4,
+                           activation_checkpointing=True)
+        engine = build_engine(long_model("llama"), cfg, ScheduleConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0),
+                              total_steps=1)
+        out = engine(**b, generator=torch.Generator().manual_seed(3))
+        scale = loss_scale(cfg.zero_stage, cfg.reduce_scatter, 4)
+        engine.backward(out.loss * scale)
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss, group=group)
+        got = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        results[f"zero{stage}"] = {"loss": float(loss), "ref_loss": float(ref.loss),
+                                   "grad_rel": rel_errors(got, grads(reference)), "sp": engine.sequence_parallel_size}
+        engine.destroy()
+    return results
+
+
 # ZeRO stage / reduce-scatter cases measured through deepspeed.initialize (build_engine), SP=2 on 2 ranks.
 ENGINE_CASES = [
     {"name": "zero0", "arch": "llama", "zero_stage": 0},
@@ -230,6 +377,10 @@ def stock_mode() -> dict:
             "stock_vs_ours": float((stock_masked - ours).abs().max())}
 
 
+MODES = {"model": model_mode, "engine": engine_mode, "stock": stock_mode, "flex": flex_mode, "long": long_mode,
+         "flex_long": flex_long_mode, "sp4": sp4_mode}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", required=True, help="comma-separated: model, engine, flex, stock (stock last: it "
@@ -240,7 +391,7 @@ def main() -> None:
 
     init_distributed()
     torch.set_num_threads(1)
-    modes = {"model": model_mode, "engine": engine_mode, "stock": stock_mode, "flex": flex_mode}
+    modes = MODES
     results, seconds = {}, {}
     for mode in args.modes.split(","):
         start = time.perf_counter()

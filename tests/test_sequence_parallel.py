@@ -17,7 +17,7 @@ from ar2diff.model.layout import build_tidar_layout
 from ar2diff.model.sequence_shard import extended_prev, plan_shard
 from ar2diff.trainer.sequence_parallel import check_heads, loss_scale
 
-RANK_JOBS = {"sp": {"modes": "model,engine,flex,stock"}}  # for the rank_jobs fixture (tests/conftest.py)
+RANK_JOBS = {"sp": {"modes": "model,engine,flex,long,flex_long,stock"}}  # for the rank_jobs fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,69 @@ def test_zaya_needs_the_halo(two_ranks):
 
 @pytest.mark.dist
 def test_flex_core_attention_forward(two_ranks):
-    """With flex attention as the gathered attention, the TiDAR BlockMask over the gathered order gives the
+    """With flex attention as the gathered attention (run in layout order), the TiDAR BlockMask gives the
     unsharded SDPA loss (forward only: torch 2.13 has no flex backward on CPU; slow: flex attention compiles)."""
     r = two_ranks["flex"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe/ar", "zaya_window0"])
+def test_two_sp_ranks_equal_one_rank_on_a_row_of_4096(two_ranks, case):
+    """S = 4096, documents crossing the shard edge, SDPA core in layout order: loss and gradients of one rank.
+    ZAYA with cca_time0 = cca_time1 = 1 (no convolution window): the delayed value still reads the previous token,
+    which for a shard's first token lives on the previous rank, so the halo is never shorter than 1."""
+    r = two_ranks["long"][case]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+    assert max(r["grad_rel"].values()) < 1e-5, sorted(r["grad_rel"].items(), key=lambda kv: -kv[1])[:3]
+
+
+@pytest.mark.dist
+def test_zaya_without_a_window_needs_a_one_token_halo(two_ranks):
+    """Negative control: the old halo sizing (the convolution window, 0 here) gives wrong gradients."""
+    r = two_ranks["long"]["zaya_window0_halo0"]
+    assert max(r["grad_rel"].values()) > 1e-3  # the right halo: ~4e-6
+
+
+@pytest.mark.dist
+def test_heldout_losses_under_sp_equal_one_rank(two_ranks):
+    """The held-out evaluation of `trainer.eval_every` sums the token-weighted shares over the SP group (it once
+    logged one rank's share, about 1/P of the loss)."""
+    sp, ref = two_ranks["long"]["heldout"]["sp"], two_ranks["long"]["heldout"]["ref"]
+    for key in ("loss", "loss_ar", "loss_diff", "tokens_ar", "tokens_diff"):
+        assert sp[key] == pytest.approx(ref[key], rel=1e-6), key
+
+
+@pytest.mark.dist
+def test_flex_core_on_a_row_of_8192(two_ranks):
+    """SP = 2 with flex attention on one row of S = 8192 whose documents cross the shard edge (it once failed with
+    NotRunFormError: the mask was built over the gathered order, where such a document's clean keys form two runs):
+    the one-rank SDPA loss within 1e-4 (forward: no flex backward on CPU)."""
+    r = two_ranks["flex_long"]
+    assert abs(r["loss"] - r["ref_loss"]) < 1e-4
+
+
+@pytest.mark.dist
+def test_four_sp_ranks_through_the_engine_equal_one_rank(tmp_path):
+    """One 4-process launch, one SP = 4 group, S = 4096: the DeepSpeed engine at ZeRO-1 and ZeRO-3 gives the one-rank
+    loss and gradients; ZAYA without a convolution window gives the one-rank gradients."""
+    import sys
+    from pathlib import Path
+
+    from launch import failure_log, run_ranks
+    from tiny import env
+
+    out = tmp_path / "sp4.json"
+    worker = Path(__file__).parent / "sp_worker.py"
+    proc = run_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                      str(worker), "--modes", "sp4", "--out", str(out)], env=env(), timeout=600)
+    assert proc.returncode == 0, failure_log(proc)
+    r = json.loads(out.read_text())["sp4"]
+    for case in ("zaya_window0", "zero1", "zero3"):
+        assert r[case]["loss"] == pytest.approx(r[case]["ref_loss"], rel=1e-6), case
+        assert max(r[case]["grad_rel"].values()) < 1e-5, (case, sorted(r[case]["grad_rel"].items(),
+                                                                         key=lambda kv: -kv[1])[:3])
+    assert r["zero1"]["sp"] == r["zero3"]["sp"] == 4
 
 
 @pytest.mark.dist
@@ -226,6 +285,9 @@ def test_trainer_sp2_with_two_data_parallel_groups_matches_one_rank(tmp_path):
     (["phase=ar_pretrain", "objective=ar"], "needs objective.kind=tidar"),
     (["deepspeed.zero_stage=3", "deepspeed.expert_parallel_size=2"], "AutoEP on ZeRO-3 has no sequence parallelism"),
     (["deepspeed.zero_stage=2", "deepspeed.expert_parallel_size=2"], "AutoEP replaces the router"),
+    # ZAYA's CCA reads (10 - 1) + (9 - 1) = 17 positions back: more than the 16 each of 4 shards of 64 holds
+    (["model=tiny_zaya", "data.seq_len=64", "+model.config.cca_time0=10", "+model.config.cca_time1=9"],
+     "holds data.seq_len / deepspeed.sequence_parallel_size = 16 positions per stream, fewer than the 17 positions"),
 ])
 def test_sequence_parallel_config_errors_name_the_key(overrides, match):
     from ar2diff.config.compose import compose
@@ -239,5 +301,20 @@ def test_sequence_parallel_config_that_fits_validates():
     from ar2diff.config.compose import compose
 
     compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256"]).validate(world_size=8)
+    for window in ("1", "9"):  # look-back max(1, 0) = 1, and (9 - 1) * 2 = 16: exactly a shard of 64 / 4
+        compose(["deepspeed.sequence_parallel_size=4", "model=tiny_zaya", "data.seq_len=64",
+                 f"+model.config.cca_time0={window}", f"+model.config.cca_time1={window}"]).validate(world_size=8)
+
+
+def test_the_zaya_look_back_of_a_saved_model_is_checked_from_its_config_json(tmp_path):
+    """model.path: the look-back is read from config.json at validation, before any weight or data is touched."""
+    from ar2diff.config.compose import compose
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "zaya", "cca_time0": 10, "cca_time1": 9,
+                                                      "num_attention_heads": 8}))
+    cfg = compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=64", f"model.path={tmp_path}",
+                   "model.config=null"])
+    with pytest.raises(ValueError, match="fewer than the 17 positions ZAYA's CCA reads"):
+        cfg.validate(world_size=8)
     aligned = compose(["deepspeed.sequence_parallel_size=4", "data.seq_len=256", "objective.diff_target=mix"])
     assert aligned.validate(world_size=8).objective.diff_target == "mix"  # the teacher row crosses shard edges

@@ -15,7 +15,7 @@ from ar2diff.config.engine import EngineConfig
 from ar2diff.config.quality import QualityEvalConfig
 from ar2diff.config.router import RouterBalanceConfig
 from ar2diff.config.schedule import ScheduleConfig
-from ar2diff.config.sequence_parallel import check_sequence_parallel
+from ar2diff.config.sequence_parallel import check_sequence_parallel, saved_model_config
 
 PHASES = ("ar_pretrain", "tidar_midtrain", "context_extension", "diffusion_sft")
 OBJECTIVES = ("tidar", "ar")
@@ -210,6 +210,7 @@ class PhaseConfig:
         self.router_balance.validate()
         self.deepspeed.validate(world_size)
         check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.data.seq_len, o.kind,
-                                m.attn_implementation, m.config, self.deepspeed.expert_parallel_size)
+                                m.attn_implementation, m.config if m.config is not None else saved_model_config(m.path),
+                                self.deepspeed.expert_parallel_size)
         self.schedule.validate()
         return self

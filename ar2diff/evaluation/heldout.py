@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ar2diff.decode.common import inference, model_device
+from ar2diff.model.sequence_shard import reduce_logged
 from ar2diff.objective import TidarObjective
 
 
@@ -13,7 +14,9 @@ def heldout_losses(model: TidarObjective, rows: dict[str, torch.Tensor], micro_b
     """Token-weighted mean AR / diffusion / router losses of `model.forward` over `rows` in micro batches (no grad).
 
     The draft mask (random only for mask_ratio < 1) comes from a generator seeded with `seed`, so the numbers
-    repeat. `loss` is the hybrid objective (alpha from the model) without the router term.
+    repeat. `loss` is the hybrid objective (alpha from the model) without the router term. Under sequence
+    parallelism (every rank of the group calls this with the same rows) each rank's terms are shares of the row's:
+    they are summed over the group per batch, so every rank returns the one-rank numbers.
     """
     n_rows = rows["input_ids"].shape[0]
     if n_rows == 0:
@@ -26,11 +29,14 @@ def heldout_losses(model: TidarObjective, rows: dict[str, torch.Tensor], micro_b
             batch = {k: v[start:start + micro_batch].to(device) for k, v in rows.items()}
             terms = model(batch["input_ids"], batch["doc_ids"], batch["position_ids"], batch["loss_mask"],
                           generator=gen).terms
-            sums["ar"] += float(terms.ar) * terms.n_ar
-            sums["diff"] += float(terms.diff) * terms.n_diff
-            sums["aux"] += float(terms.aux)
-            sums["n_ar"] += terms.n_ar
-            sums["n_diff"] += terms.n_diff
+            row = reduce_logged({"ar": float(terms.ar), "diff": float(terms.diff), "aux": float(terms.aux),
+                                 "n_ar": terms.n_ar, "n_diff": terms.n_diff},
+                                getattr(model, "sequence_parallel", None), device)
+            sums["ar"] += row["ar"] * row["n_ar"]
+            sums["diff"] += row["diff"] * row["n_diff"]
+            sums["aux"] += row["aux"]
+            sums["n_ar"] += int(row["n_ar"])
+            sums["n_diff"] += int(row["n_diff"])
             sums["batches"] += 1
     ar = sums["ar"] / sums["n_ar"] if sums["n_ar"] else 0.0
     diff = sums["diff"] / sums["n_diff"] if sums["n_diff"] else 0.0

@@ -6,9 +6,10 @@ sequence `[clean_r | draft_r]` (2n tokens). Every rank has the whole row's token
 targets and token counts are computed for the whole row without communication; only activations are sharded.
 
 Attention: the Ulysses all-to-all (ar2diff.trainer.sequence_parallel) gathers the sequence in rank order,
-`[clean_0 | draft_0 | clean_1 | draft_1 | ...]`, and scatters heads. Because `can_attend` is a pure predicate over
-`TokenMeta`, the records are simply permuted into that gathered order and the one mask is built from them, once per
-micro-batch, and handed to the model like any other mask: every layer uses it.
+`[clean_0 | draft_0 | clean_1 | draft_1 | ...]` (`ShardPlan.gathered_idx`), and scatters heads; the core attention
+permutes q/k/v back into layout order, so the mask is the unsharded row's, built once per micro-batch and handed to
+the model like any other mask: every layer uses it. (Building it over the gathered order instead split every
+document that crosses a shard edge into P runs of clean keys, which the O(L) flex BlockMask builder cannot take.)
 
 The loss share of each rank is computed by ar2diff.objective.sharded.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ar2diff.model.layout import TidarLayout, TokenMeta
 
@@ -78,3 +80,13 @@ def extended_prev(layout: TidarLayout, plan: ShardPlan) -> torch.Tensor:
     prev_global = layout.prev_BL[:, ext_idx.clamp(min=0)]
     prev_global = torch.where(present, prev_global, -1)
     return torch.where(prev_global >= 0, position_of[prev_global.clamp(min=0)], -1)
+
+
+def reduce_logged(values: dict[str, float], sp: SequenceParallel | None, device) -> dict[str, float]:
+    """Logged loss terms and token counts of a rank are shares of its row: sum them over the group."""
+    if sp is None or sp.size == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=sp.group)
+    return dict(zip(keys, t.tolist()))

@@ -68,9 +68,12 @@ class Halo:
         return torch.cat([received, x_BTD], dim=1)
 
 
-def conv_lookback(lm) -> int:
-    """How many positions of each stream ZAYA's CCA reads before a token (the halo size); 0 for other models."""
+def halo_length(lm) -> int:
+    """How many positions of each stream a shard reads from the previous rank (the halo): the CCA convolution
+    window, and at least 1, since the delayed value always reads the previous token (a window of 0, cca_time0 =
+    cca_time1 = 1, still needs it); 0 for models without CCA. `ar2diff.config.sequence_parallel.stream_lookback`
+    gives the same number from a config, before any model is built."""
     from transformers.models.zaya.modeling_zaya import ZayaCCAProjection
 
     sizes = {m.conv_kernel_size for m in lm.modules() if isinstance(m, ZayaCCAProjection)}
-    return max(sizes, default=0)
+    return max(1, *sizes) if sizes else 0

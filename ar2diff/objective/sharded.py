@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ar2diff.model.layout import build_tidar_layout, sample_draft_mask
-from ar2diff.model.sequence_shard import POSITIONS_KWARG, SequenceParallel, extended_prev, plan_shard, take_meta
+from ar2diff.model.sequence_shard import POSITIONS_KWARG, SequenceParallel, extended_prev, plan_shard
 from ar2diff.model.zaya import PREV_KWARG
-from ar2diff.model.zaya_halo import HALO_KWARG, Halo, conv_lookback
+from ar2diff.model.zaya_halo import HALO_KWARG, Halo, halo_length
 from ar2diff.objective.losses import TidarOutput, ar_targets, diff_targets, hybrid_terms, teacher_rows
 
 
@@ -81,10 +81,9 @@ def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None,
     loss_mask = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     draft_mask = sample_draft_mask((B, S), objective.mask_ratio, generator, device=input_ids.device)
     layout = build_tidar_layout(input_ids, model.mask_token_id, model.block_size, doc_ids, position_ids, draft_mask)
-    lookback = conv_lookback(model.lm) if model.has_adapter else 0
+    lookback = halo_length(model.lm) if model.has_adapter else 0
     plan = plan_shard(S, sp.rank, sp.size, halo=lookback)
     local = plan.local_idx.to(input_ids.device)
-    gathered_meta = take_meta(layout.meta, plan.gathered_idx.to(input_ids.device))
     positions_BT = layout.position_ids_BL[:, local]
     kwargs = {POSITIONS_KWARG: positions_BT}
     if model.has_adapter:
@@ -94,8 +93,9 @@ def sharded_tidar_loss(objective, sp: SequenceParallel, input_ids, doc_ids=None,
         kwargs[HALO_KWARG] = Halo(sp.group, sp.rank, sp.size, send)
     if objective.balancing_loss_fn is not None:
         kwargs["output_router_logits"] = True
+    # the core attention runs in layout order (trainer.sequence_parallel.in_layout_order): the unsharded row's mask
     out = model.lm.base_model(input_ids=layout.input_ids_BL[:, local], position_ids=positions_BT,
-                              attention_mask=model.mask_argument(gathered_meta, gathered_meta, impl=sp.core_impl),
+                              attention_mask=model.mask_argument(layout.meta, layout.meta, impl=sp.core_impl, split=S),
                               use_cache=False, **kwargs)
     hidden_BTH = out.last_hidden_state
     aux = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ar2diff.trainer.callbacks import Callback, TrainState
 from ar2diff.trainer.faults import NonFiniteGuard, StopSignal
-from ar2diff.trainer.sequence_parallel import reduce_logged
+from ar2diff.model.sequence_shard import reduce_logged
 from ar2diff.trainer.standard_callbacks import mean_over_ranks
 
 

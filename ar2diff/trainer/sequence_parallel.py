@@ -9,8 +9,9 @@ shows it). So ar2diff uses the pieces instead:
 - one `UlyssesSPAttentionHF` per model (its all-to-all: sequence-sharded q/k/v in, head-sharded full sequence to
   the core attention, back out) behind an attention function registered under its own name (`ATTN_KEY`), which
   leaves transformers' "sdpa"/"flex_attention" entries alone;
-- the TiDAR mask over the gathered order, built once per micro-batch by `ar2diff.objective.sharded` and passed
-  through the model's own `attention_mask` argument, untouched by the wrapper;
+- the core attention run in layout order (`in_layout_order`: q/k/v permuted from the gathered rank order), so the
+  TiDAR mask is the unsharded row's, built once per micro-batch by `ar2diff.objective.sharded` and passed through
+  the model's own `attention_mask` argument, untouched by the wrapper;
 - the local position ids, passed as a model keyword (ZAYA does not hand `position_ids` to its layers).
 
 The loss each rank returns is its share of the unsharded loss; `loss_scale` turns it into what `engine.backward`
@@ -22,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ar2diff.model.sequence_shard import POSITIONS_KWARG, SequenceParallel
+from ar2diff.model.sequence_shard import (  # noqa: F401 (reduce_logged: re-exported)
+    POSITIONS_KWARG, SequenceParallel, plan_shard, reduce_logged)
 
 ATTN_KEY = "ar2diff_ulysses"
 CORE_IMPLS = ("sdpa", "flex_attention")
@@ -100,7 +102,7 @@ def install_sequence_parallel(model, group, micro_batch_size: int = 1) -> Sequen
     check_heads(config, size)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     uattn = UlyssesSPAttentionHF(
-        attn=_core_function(core), batch_size=micro_batch_size, attn_head_count=config.num_attention_heads,
+        attn=in_layout_order(_core_function(core), size), batch_size=micro_batch_size, attn_head_count=config.num_attention_heads,
         attn_head_size=head_dim,
         kv_head_count=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         num_hidden_layers=config.num_hidden_layers, process_group=group, seq_length_is_variable=True)
@@ -118,6 +120,38 @@ def install_sequence_parallel(model, group, micro_batch_size: int = 1) -> Sequen
     return model.sequence_parallel
 
 
+def in_layout_order(core, size: int):
+    """`core` (an attention function) run on the row in layout order `[clean | draft]`: the all-to-all gathers the
+    sequence in rank order `[clean_0 | draft_0 | clean_1 | draft_1 | ...]`, so q/k/v (and position ids) are
+    permuted into layout order before `core` and its output back after. The mask is then the unsharded row's: the
+    flex BlockMask keeps its run form (one clean run per document, built in O(L) at any length), and SDPA gets the
+    split plan that skips the empty blocks. A permutation of the sequence axis: its gradient is the inverse one, for
+    any core (checked with SDPA, which has a CPU backward, in tests/test_sequence_parallel.py)."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        to_layout, to_gathered = gathered_order(query.shape[2], size, query.device)
+        query, key, value = (t.index_select(2, to_layout) for t in (query, key, value))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"].index_select(1, to_layout)
+        out, weights = core(module, query, key, value, attention_mask, **kwargs)
+        return out.index_select(1, to_gathered), weights  # HF attention output: (B, L, H, D)
+
+    return attention
+
+
+_ORDERS: dict = {}
+
+
+def gathered_order(length: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(to_layout, to_gathered) index vectors of a gathered 2S-long sequence of `size` ranks: x_gathered[to_layout]
+    is in layout order, x_layout[to_gathered] in gathered order (`plan_shard`'s gathered_idx)."""
+    key = (length, size, str(device))
+    if key not in _ORDERS:
+        to_gathered = plan_shard(length // 2, 0, size).gathered_idx.to(device)
+        _ORDERS[key] = (torch.argsort(to_gathered), to_gathered)
+    return _ORDERS[key]
+
+
 def _core_function(core: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -133,16 +167,6 @@ def loss_scale(zero_stage: int, reduce_scatter: bool, size: int) -> float:
     `reduce_scatter: false` sums again. Measured for every case in tests/test_sequence_parallel.py.
     """
     return float(size) if zero_stage == 3 and reduce_scatter else 1.0
-
-
-def reduce_logged(values: dict[str, float], sp: SequenceParallel | None, device) -> dict[str, float]:
-    """Logged loss terms and token counts of a rank are shares of its row: sum them over the group."""
-    if sp is None or sp.size == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=sp.group)
-    return dict(zip(keys, t.tolist()))
 
 
 def sequence_parallel_setup(model, size: int, micro_batch_size: int):

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ar2diff.evaluation.heldout import heldout_losses, read_heldout
 from ar2diff.trainer.callbacks import Callback, TrainState
-from ar2diff.trainer.sequence_parallel import reduce_logged
+from ar2diff.model.sequence_shard import reduce_logged
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
