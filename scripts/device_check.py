@@ -318,7 +318,8 @@ def memory_plan(dev: Device, box: Box) -> list[dict]:
         measured = dev.peak() - base
         shape = TrainShape(seq_len=seq_len, layout_factor=2, micro_batch=1, world_size=1, zero_stage=0,
                            precision=precision, activation_checkpointing=checkpointing, loss_chunk_tokens=chunk,
-                           attn_implementation=impl)
+                           attn_implementation=impl, device="cpu" if dev.cpu else "accelerator", mask_ratio=0.5,
+                           block_size=16)
         plan = plan_memory(model_shape(model.lm), shape)
         rows.append({"arch": arch, "seq_len": seq_len, "checkpointing": checkpointing, "loss_chunk": chunk,
                      "attn": impl, "measured_mib": measured / 2**20, "planned_mib": plan.total / 2**20,

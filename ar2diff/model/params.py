@@ -100,6 +100,12 @@ class ModelShape:
     largest_layer_params: float = 0.0  # the largest decoder layer (ZeRO-3's live gathered parameters)
     mlp_width: int = 0  # active MLP intermediate width per token (top-k experts' + shared)
     vocab_size: int = 0
+    # what the memory plan's activation terms read (`ar2diff.plan.memory`)
+    model_type: str = ""
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3, Qwen3-MoE)
+    router_hidden: int = 0  # ZAYA's router MLP width
+    cca_window: int = 0  # ZAYA's CCA convolution look-back, (cca_time0 - 1) + (cca_time1 - 1)
+    largest_tensor_params: float = 0.0  # the largest single parameter tensor (a non-flattened optimizer's step)
 
     def __post_init__(self) -> None:
         if not 0 < self.active_params <= self.total_params:
@@ -152,6 +158,7 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layers = model.get_decoder().layers
     largest = max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in layers)
+    largest_tensor = max(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if expert:
         width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
         mlp = top_k * width + (getattr(config, "shared_expert_intermediate_size", 0) or 0)
@@ -161,4 +168,8 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
                       hidden_size=config.hidden_size, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                       head_dim=head_dim, num_query_heads=heads, num_experts=num_experts if routed else 1,
                       experts_per_token=top_k if routed else 1, expert_params=float(expert),
-                      largest_layer_params=float(largest), mlp_width=mlp, vocab_size=config.vocab_size)
+                      largest_layer_params=float(largest), mlp_width=mlp, vocab_size=config.vocab_size,
+                      model_type=config.model_type, qk_norm=config.model_type in ("qwen3", "qwen3_moe"),
+                      router_hidden=getattr(config, "router_hidden_size", 0) or 0,
+                      cca_window=(config.cca_time0 - 1) + (config.cca_time1 - 1) if config.model_type == "zaya" else 0,
+                      largest_tensor_params=float(largest_tensor))

@@ -60,7 +60,10 @@ def train_shape(cfg: PhaseConfig, world_size: int, hardware: str) -> TrainShape:
         expert_parallel=d.expert_parallel_size, sequence_parallel=d.sequence_parallel_size,
         activation_checkpointing=d.activation_checkpointing,
         loss_chunk_tokens=cfg.objective.loss_chunk_tokens if cfg.objective.kind == "tidar" else None,
-        attn_implementation=impl, scores_materialized=impl == "eager" or (impl == "sdpa" and hardware == "cpu"))
+        attn_implementation=impl,
+        diff_target=cfg.objective.diff_target if cfg.objective.kind == "tidar" else "data",
+        device="cpu" if hardware == "cpu" else "accelerator", mask_ratio=cfg.objective.mask_ratio,
+        block_size=cfg.objective.block_size)
 
 
 def device_bytes(hardware: str) -> float:
