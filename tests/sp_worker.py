@@ -238,28 +238,27 @@ def _rows(rows: dict) -> dict:
 
 
 def flex_long_mode() -> dict:
-    """SP = 2, flex core, one row of S = 8192 whose documents cross the shard edge: the loss against the unsharded
-    SDPA forward (forward only: no flex backward on CPU), and the BlockMask the sharded forward used."""
-    from ar2diff.model import TidarLM, build_model
-    from ar2diff.objective import TidarObjective
+    """SP = 2, flex core, rows whose documents cross the shard edge: Llama on one row of S = 8192, ZAYA and Qwen3-MoE
+    on one of S = 4096; each loss against the unsharded SDPA forward (forward only: no flex backward on CPU)."""
     from ar2diff.trainer.sequence_parallel import install_sequence_parallel, sequence_parallel_mpu
 
     group = sequence_parallel_mpu(2).get_sequence_parallel_group()
-    # a fresh compile: after the short flex mode's, dynamo recompiles with symbolic lengths, whose CPU flex kernel
-    # inductor (torch 2.13) fails to compile (undeclared split-size variables in the generated C++)
-    torch._dynamo.reset()
-    b = long_batch(FLEX_LONG)
-    config = {**TINY_CONFIGS["llama"], "max_position_embeddings": 2 * FLEX_LONG}
-    lm = randomize(build_model(config, attn_implementation="flex_attention", seed=0), 0)
-    model = TidarObjective(TidarLM(lm, MASK_ID, BLOCK), mask_ratio=0.5).eval()
-    install_sequence_parallel(model, group, micro_batch_size=1)
-    start = time.perf_counter()
-    with torch.no_grad():
-        loss = model(**b, generator=torch.Generator().manual_seed(3)).loss
-        seconds = time.perf_counter() - start
-        ref = long_model("llama").eval()(**b, generator=torch.Generator().manual_seed(3)).loss
-    dist.all_reduce(loss, group=group)
-    return {"loss": float(loss), "ref_loss": float(ref), "seconds": seconds}
+    results = {}
+    for arch, seq in (("llama", FLEX_LONG), ("zaya", LONG), ("qwen3_moe", LONG)):
+        # a fresh compile per length: after another length dynamo recompiles with symbolic lengths, whose CPU flex
+        # kernel inductor (torch 2.13) fails to compile (undeclared split-size variables in the generated C++)
+        torch._dynamo.reset()
+        b = long_batch(seq)
+        model = long_model(arch, attn="flex_attention").eval()
+        install_sequence_parallel(model, group, micro_batch_size=1)
+        start = time.perf_counter()
+        with torch.no_grad():
+            loss = model(**b, generator=torch.Generator().manual_seed(3)).loss
+            seconds = time.perf_counter() - start
+            ref = long_model(arch).eval()(**b, generator=torch.Generator().manual_seed(3)).loss
+        dist.all_reduce(loss, group=group)
+        results[arch] = {"seq_len": seq, "loss": float(loss), "ref_loss": float(ref), "seconds": seconds}
+    return results
 
 
 def sp4_mode() -> dict:
