@@ -9,7 +9,8 @@ the same test: if it passes, the test has no power on that prompt (drafter and A
 
     python scripts/check_lossless_t1.py RUN/1_diffusion_sft/export --prompts 2 --samples 1500 --out chi2.json
 
-Prompts: --prompt-len-token windows past the heads of held-out stdlib files (seed --seed; see router_load.py).
+Prompts: --prompt-len-token windows past the heads of held-out stdlib files (seed --seed; see router_load.py), the
+first --prompts of them whose exact pair distribution fills at least --min-bins bins.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-fraction", type=float, default=0.02)
+    p.add_argument("--min-bins", type=int, default=6,
+                   help="use only prompts whose exact pair distribution fills at least this many bins (a prompt "
+                        "whose first tokens are nearly certain cannot tell the samplers apart)")
+    p.add_argument("--candidates", type=int, default=200, help="windows to look through for such prompts")
     p.add_argument("--out", default="check_lossless_t1.json")
     return p
 
@@ -105,6 +110,17 @@ def check_prompt(model, prompt, cfg, samples: int, min_expected: float, control:
             "df": df, "p_value": p_value, "seconds": time.perf_counter() - start}
 
 
+def spread_prompts(lm, candidates: list[list[int]], n: int, samples: int, min_expected: float,
+                   min_bins: int) -> list[list[int]]:
+    """The first `n` candidates whose exact (x1, x2) distribution has at least `min_bins` bins at this sample size
+    (pairs expected `min_expected` times or more, plus "other"): prompts where the test can have power."""
+    chosen = [c for c in candidates if len(exact_pairs(lm, c, samples, min_expected)[0]) + 1 >= min_bins][:n]
+    if len(chosen) < n:
+        raise SystemExit(f"only {len(chosen)} of {len(candidates)} windows have >= {min_bins} bins at {samples} "
+                         "samples; raise --candidates or --samples, or lower --min-bins")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     from ar2diff.checkpoint.reader import load_export
     from ar2diff.decode.tidar import TidarConfig
@@ -114,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     export = load_export(args.checkpoint, dtype=getattr(torch, args.dtype))
     model = export.tidar()
-    prompts = middle_windows(export.tokenizer, args.prompts, args.prompt_len, args.heldout_fraction, args.seed)
+    prompts = spread_prompts(model.lm, middle_windows(export.tokenizer, args.candidates, args.prompt_len,
+                                                      args.heldout_fraction, args.seed),
+                             args.prompts, args.samples, args.min_expected, args.min_bins)
     levels = "all" if args.levels == "all" else tuple(int(x) for x in args.levels.split(","))
     cfg = TidarConfig(max_new_tokens=3, temperature=1.0, levels=levels, sampler="lossless", seed=args.seed,
                       eos_token_id=None)

@@ -69,29 +69,13 @@ def rel_errors(got: dict, want: dict) -> dict[str, float]:
 def model_mode() -> dict:
     import ar2diff.objective.sharded as sharded
     from ar2diff.model.zaya_halo import Halo
-    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, reduce_logged, sequence_parallel_mpu
+    from ar2diff.trainer.sequence_parallel import sequence_parallel_mpu
 
     group = sequence_parallel_mpu(2).get_sequence_parallel_group()
     results = {}
     for arch, kwargs in [(arch, {}) for arch in ARCHS] + ALIGNED_CASES:
-        b = batch()
-        reference = tidar_model(arch, **kwargs)
-        ref = reference(**b, generator=torch.Generator().manual_seed(3))
-        ref.loss.backward()
-        model = tidar_model(arch, **kwargs)
-        install_sequence_parallel(model, group, micro_batch_size=2)
-        out = model(**b, generator=torch.Generator().manual_seed(3))
-        out.loss.backward()
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss, group=group)
-        got = grads(model)
-        for g in got.values():
-            dist.all_reduce(g, group=group)
-        terms = reduce_logged(out.terms.log_dict(), model.sequence_parallel, "cpu")  # what the trainer logs
         key = "/".join([arch, *map(str, kwargs.values())])
-        results[key] = {"loss": float(loss), "ref_loss": float(ref.loss), "terms": terms,
-                        "grad_rel": rel_errors(got, grads(reference)), "ref_terms": ref.terms.log_dict(),
-                        "ref_aux": float(ref.terms.aux)}
+        results[key] = compare_sharded(group, lambda arch=arch, kwargs=kwargs: tidar_model(arch, **kwargs), batch(), 2)
     # the previous rank's halo replaced by zeros; each rank's own last clean row in place of the previous rank's
     no_halo = (Halo, "extend", lambda self, x: torch.cat([torch.zeros_like(x[:, self.send_idx]), x], dim=1))
     results["zaya_without_halo_loss"] = _sharded_loss_with(group, "zaya", no_halo)
@@ -174,17 +158,16 @@ def long_model(arch: str, config: dict | None = None, attn: str = "sdpa", diff_t
     return model.train()
 
 
-def compare_sharded(group, size: int, arch: str, config: dict | None = None, b: dict | None = None,
-                    diff_target: str = "data") -> dict:
-    """The summed loss shares and gradients of `size` SP ranks against the same model unsharded (SDPA core)."""
-    from ar2diff.trainer.sequence_parallel import install_sequence_parallel
+def compare_sharded(group, make_model, b: dict, micro_batch: int) -> dict:
+    """The summed loss shares and gradients of the SP ranks of `group` against the same model unsharded (SDPA core),
+    and the logged terms summed as the trainer sums them; `make_model()` builds the model (the same each call)."""
+    from ar2diff.trainer.sequence_parallel import install_sequence_parallel, reduce_logged
 
-    b = long_batch() if b is None else b
-    reference = long_model(arch, config, diff_target=diff_target)
+    reference = make_model()
     ref = reference(**b, generator=torch.Generator().manual_seed(3))
     ref.loss.backward()
-    model = long_model(arch, config, diff_target=diff_target)
-    install_sequence_parallel(model, group, micro_batch_size=1)
+    model = make_model()
+    install_sequence_parallel(model, group, micro_batch_size=micro_batch)
     out = model(**b, generator=torch.Generator().manual_seed(3))
     out.loss.backward()
     loss = out.loss.detach().clone()
@@ -192,7 +175,14 @@ def compare_sharded(group, size: int, arch: str, config: dict | None = None, b: 
     got = grads(model)
     for g in got.values():
         dist.all_reduce(g, group=group)
-    return {"loss": float(loss), "ref_loss": float(ref.loss), "grad_rel": rel_errors(got, grads(reference))}
+    return {"loss": float(loss), "ref_loss": float(ref.loss), "grad_rel": rel_errors(got, grads(reference)),
+            "terms": reduce_logged(out.terms.log_dict(), model.sequence_parallel, "cpu"),  # what the trainer logs
+            "ref_terms": ref.terms.log_dict(), "ref_aux": float(ref.terms.aux)}
+
+
+def compare_long(group, arch: str, config: dict | None = None, diff_target: str = "data") -> dict:
+    """`compare_sharded` on one row of LONG tokens."""
+    return compare_sharded(group, lambda: long_model(arch, config, diff_target=diff_target), long_batch(), 1)
 
 
 ZAYA_NO_WINDOW = {"cca_time0": 1, "cca_time1": 1}  # convolution window 0: only the delayed value looks back
@@ -206,13 +196,13 @@ def long_mode() -> dict:
     from ar2diff.trainer.sequence_parallel import install_sequence_parallel, sequence_parallel_mpu
 
     group = sequence_parallel_mpu(2).get_sequence_parallel_group()
-    results = {"llama": compare_sharded(group, 2, "llama"),
-               "qwen3_moe/ar": compare_sharded(group, 2, "qwen3_moe", diff_target="ar"),
-               "zaya_window0": compare_sharded(group, 2, "zaya", ZAYA_NO_WINDOW)}
+    results = {"llama": compare_long(group, "llama"),
+               "qwen3_moe/ar": compare_long(group, "qwen3_moe", diff_target="ar"),
+               "zaya_window0": compare_long(group, "zaya", ZAYA_NO_WINDOW)}
     original = sharded.halo_length
     sharded.halo_length = lambda lm: 0
     try:
-        results["zaya_window0_halo0"] = compare_sharded(group, 2, "zaya", ZAYA_NO_WINDOW)
+        results["zaya_window0_halo0"] = compare_long(group, "zaya", ZAYA_NO_WINDOW)
     finally:
         sharded.halo_length = original
 
@@ -271,7 +261,7 @@ def sp4_mode() -> dict:
     from ar2diff.trainer.sequence_parallel import loss_scale, sequence_parallel_mpu
 
     group = sequence_parallel_mpu(4).get_sequence_parallel_group()
-    results = {"zaya_window0": compare_sharded(group, 4, "zaya", ZAYA_NO_WINDOW)}
+    results = {"zaya_window0": compare_long(group, "zaya", ZAYA_NO_WINDOW)}
     b = long_batch()
     for stage in (1, 3):
         reference = long_model("llama")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -262,27 +263,37 @@ def test_a_signal_to_both_ranks_while_rank_0_tokenizes_exits_0_on_each(tmp_path)
     assert find_latest_complete(run_dir / "checkpoints").step == 10
 
 
+@contextmanager
+def two_ranks_past_step(tmp_path, cache, step: int = 3):
+    """A 2-rank torchrun training run in its own session, yielded as (process, its stderr file) once rank 0 has
+    logged `step`; waited for at the end (killed, with its ranks, if still running)."""
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(train_cmd(tmp_path / "run", cache, "budget.tokens=40960", "trainer.ckpt_every=1000",
+                                          ranks=2), env=env(), stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while f"[train step {step}]" not in out_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.05)
+        yield proc, err_path
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.dist
 def test_a_stop_sent_to_every_process_of_the_job_is_one_stop_not_a_kill(tmp_path, cache):
     """A scheduler's SIGTERM reaches torchrun and each rank, and torchrun forwards its own copy to each rank: the
     ranks get it twice within milliseconds. That repeat is the same stop (not the second signal that exits at once),
     so the ranks still checkpoint the step they stop at and say "stopped" (once, it killed them with 143 and the
     steps since the last periodic checkpoint were lost)."""
-    run_dir, out_path, err_path = tmp_path / "run", tmp_path / "out.txt", tmp_path / "err.txt"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(train_cmd(run_dir, cache, "budget.tokens=40960", "trainer.ckpt_every=1000", ranks=2),
-                                env=env(), stdout=out, stderr=err, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while "[train step 3]" not in out_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
-            time.sleep(0.05)
+    run_dir = tmp_path / "run"
+    with two_ranks_past_step(tmp_path, cache) as (proc, err_path):
         for pid in [proc.pid, rank_pid(proc.pid, 0), rank_pid(proc.pid, 1)]:
             os.kill(pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     err = err_path.read_text()
     stopped = [int(m) for m in re.findall(r"stopped by SIGTERM at step (\d+); checkpoint saved", err)]
     assert len(stopped) == 2 and stopped[0] == stopped[1] >= 3, err[-3000:]
@@ -324,20 +335,8 @@ def test_a_peer_killed_mid_step_is_named_by_the_survivor_not_taken_for_a_stop(tm
     """SIGKILL on rank 1 mid-training: rank 0's collective breaks and torchrun then sends it SIGTERM. Rank 0 says, in
     one line, that it lost peer rank 1, which ended without a word (a rank that ends on purpose leaves one in the
     rendezvous store), instead of "stopped by SIGTERM ... re-run to resume" or gloo's traceback."""
-    run_dir, out_path, err_path = tmp_path / "run", tmp_path / "out.txt", tmp_path / "err.txt"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(train_cmd(run_dir, cache, "budget.tokens=40960", "trainer.ckpt_every=1000", ranks=2),
-                                env=env(), stdout=out, stderr=err, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while "[train step 3]" not in out_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
-            time.sleep(0.05)
+    with two_ranks_past_step(tmp_path, cache) as (proc, err_path):
         os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     err = err_path.read_text()
     lines = [line for line in err.splitlines() if "ar2diff.train: error" in line]
     assert proc.returncode != 0 and len(lines) == 1, err[-3000:]
