@@ -68,10 +68,7 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         logging.getLogger("ar2diff").warning("%s", stopped)
         sys.exit(0)
     except StopRequested as stopped:  # during set-up: nothing trained, nothing half-written
-        leave_exit_word("stopped")
-        logging.getLogger("ar2diff").warning("%s during set-up: nothing was trained; re-run the same command to "
-                                             "start", stopped)
-        sys.exit(0)
+        exit_stopped_in_set_up(stopped)
     except USER_ERRORS as err:  # one line, once (rank 0), no traceback
         leave_exit_word("error")
         sys.exit(report("ar2diff.train", err))
@@ -79,6 +76,8 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         leave_exit_word("error")
         sys.exit(report("ar2diff.train", disk_full_anywhere(err, cfg.run_dir if cfg else None)))
     except Exception as err:
+        if (stopped := stop_within(err)) is not None:  # a library wrapped the stop (datasets' generation error)
+            exit_stopped_in_set_up(stopped)
         lost = collective_failure(err, cfg)  # a peer died or hung: which one (the peers that left no exit word)
         if process_stop().received is not None and not (lost is not None and lost.silent):
             # stopping, and every peer ended on purpose: a peer that stopped first broke a collective
@@ -90,6 +89,24 @@ def hydra_main(dict_cfg: DictConfig) -> None:
             leave_exit_word("error")
             exit_now(report("ar2diff.train", lost, rank=0))
         raise
+
+
+def exit_stopped_in_set_up(stopped: StopRequested) -> None:
+    leave_exit_word("stopped")
+    logging.getLogger("ar2diff").warning("%s during set-up: nothing was trained; re-run the same command to start",
+                                         stopped)
+    sys.exit(0)
+
+
+def stop_within(err: BaseException) -> StopRequested | None:
+    """The StopRequested an exception was raised from, if any (its __cause__/__context__ chain)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, StopRequested):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def exit_now(code: int) -> None:

@@ -205,3 +205,20 @@ def test_all_ranks_stop_at_the_same_step_when_only_one_is_signalled(tmp_path):
     mp.spawn(_stop_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results == [{"step": 3, "signal": "SIGTERM"}] * 2
+
+
+def test_a_stop_wrapped_by_a_library_is_still_a_stop():
+    """datasets wraps whatever its generator raises in DatasetGenerationError (raised `from` it): the command line
+    finds the StopRequested in the chain and exits as a set-up stop, not as an error."""
+    from datasets.exceptions import DatasetGenerationError
+
+    from ar2diff.train import stop_within
+
+    try:
+        try:
+            raise StopRequested("SIGTERM")
+        except StopRequested as stop:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from stop
+    except DatasetGenerationError as wrapped:
+        assert isinstance(stop_within(wrapped), StopRequested)
+    assert stop_within(ValueError("unrelated")) is None
