@@ -252,8 +252,8 @@ def flex_long_mode() -> dict:
 
 
 def sp4_mode() -> dict:
-    """4 ranks, one SP = 4 group at S = 4096: ZAYA with a window of 0 (model, gradients), and the DeepSpeed engine at
-    ZeRO-1 and ZeRO-3 against one rank (loss and full gradients, scaled as the trainer scales them)."""
+    """4 ranks, one SP = 4 group: ZAYA with a window of 0 at S = 4096 (model, gradients), and the DeepSpeed engine at
+    ZeRO-1 and ZeRO-3 at S = 2048 against one rank (loss and full gradients, scaled as the trainer scales them)."""
     from deepspeed.utils import safe_get_full_grad
 
     from ar2diff.trainer.engine import EngineConfig, build_engine
@@ -262,7 +262,7 @@ def sp4_mode() -> dict:
 
     group = sequence_parallel_mpu(4).get_sequence_parallel_group()
     results = {"zaya_window0": compare_long(group, "zaya", ZAYA_NO_WINDOW)}
-    b = long_batch()
+    b = long_batch(2048, first=601)  # the engine cases at S = 2048 (CI time); edges still cross every shard
     for stage in (1, 3):
         reference = long_model("llama")
         ref = reference(**b, generator=torch.Generator().manual_seed(3))

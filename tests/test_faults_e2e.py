@@ -232,7 +232,7 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
 @pytest.mark.dist
 def test_a_signal_to_both_ranks_while_rank_0_tokenizes_exits_0_on_each(tmp_path):
     """Rank 0 tokenizes the whole library into a fresh cache while rank 1 waits for it; SIGTERM to each rank (what a
-    scheduler sends): both exit 0 within seconds, nothing half-written, and the same command then trains. (The wait
+    scheduler sends): both exit 0 within seconds with the set-up line, nothing half-written. (The wait
     group was once created beside rank 0's work: rank 1 then sat in a store wait that neither the signal nor rank
     0's exit ended.)"""
     cache, run_dir = tmp_path / "fresh-cache", tmp_path / "run"
@@ -257,10 +257,7 @@ def test_a_signal_to_both_ranks_while_rank_0_tokenizes_exits_0_on_each(tmp_path)
     assert proc.returncode == 0 and time.time() - signalled < 60, err[-3000:]  # torchrun: every rank exited 0
     assert err.count("stopped by SIGTERM during set-up") == 2 and "Traceback" not in err, err[-3000:]
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step_*"))
-    assert [p for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
-    again = run(cmd, timeout=400)
-    assert json.loads((run_dir / "summary.json").read_text())["status"] != "stopped", again.stderr[-2000:]
-    assert find_latest_complete(run_dir / "checkpoints").step == 10
+    assert [p for p in tmp_path.rglob("*") if ".tmp" in p.name] == []  # (the re-run after a set-up stop: above)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny import TINY_CONFIGS, env, losses
 
@@ -137,5 +138,11 @@ def test_sigterm_during_the_decoder_check_stops_the_pipeline_and_the_rerun_finis
     assert (first / "eval.json").is_file() and (first / "export" / "model.safetensors").stat().st_mtime == export_mtime
     assert json.loads((first / "summary.json").read_text())["status"] == "complete"
     reference = uninterrupted[0]
-    assert losses(tmp_path / "1_diffusion_sft") == losses(reference / "1_diffusion_sft")
     assert losses(first) == losses(reference / "0_tidar_midtrain")
+    # the later phase starts from the same export file; in this bf16 recipe on CPU one fresh-clone run saw its first
+    # logged loss differ from the uninterrupted run's by 6e-6 relative (two earlier runs: equal), so the comparison
+    # allows 1e-4: a wrong start (another export, data position or optimizer state) moves the loss far more
+    again, want = losses(tmp_path / "1_diffusion_sft"), losses(reference / "1_diffusion_sft")
+    assert [row[0] for row in again] == [row[0] for row in want] and again
+    torch.testing.assert_close(torch.tensor([row[1:] for row in again]), torch.tensor([row[1:] for row in want]),
+                               rtol=1e-4, atol=0)

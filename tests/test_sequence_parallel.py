@@ -115,8 +115,8 @@ def test_flex_core_on_long_rows(two_ranks, arch):
 
 @pytest.mark.dist
 def test_four_sp_ranks_through_the_engine_equal_one_rank(tmp_path):
-    """One 4-process launch, one SP = 4 group, S = 4096: the DeepSpeed engine at ZeRO-1 and ZeRO-3 gives the one-rank
-    loss and gradients; ZAYA without a convolution window gives the one-rank gradients."""
+    """One 4-process launch, one SP = 4 group: the DeepSpeed engine at ZeRO-1 and ZeRO-3 gives the one-rank loss and
+    gradients (S = 2048); ZAYA without a convolution window gives the one-rank gradients (S = 4096)."""
     import sys
     from pathlib import Path
 
