@@ -17,22 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_plan import high_water_bytes, reset_high_water, rss_bytes  # noqa: E402  (a sibling script)
+
 MASK_ID = 255
-
-
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-
-def high_water_bytes() -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def row(seq_len: int):
@@ -103,7 +96,7 @@ def mask_build(seq_len: int) -> dict:
     draft = sample_draft_mask((1, seq_len), 0.5, torch.Generator().manual_seed(3))
     layout = build_tidar_layout(batch["input_ids"], MASK_ID, 16, batch["doc_ids"], None, draft)
     before = rss_bytes()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    reset_high_water()
     start = time.perf_counter()
     mask = model.model.mask_argument(layout.meta, layout.meta, impl="flex_attention", split=seq_len)
     seconds = time.perf_counter() - start
