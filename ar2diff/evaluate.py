@@ -3,12 +3,15 @@
 
     python -m ar2diff.evaluate --checkpoint RUN/export                       # the run's own held-out data
     python -m ar2diff.evaluate --checkpoint DIR data.sources.0.path=x.jsonl  # any export, any data (overrides)
+    python -m ar2diff.evaluate --checkpoint RUN/export --light               # the light check only (a minute)
     python -m ar2diff.evaluate --checkpoint DIR --tasks hellaswag,gsm8k --sampler lossless   # lm-eval-harness
 
 The configuration is the run's `resolved_config.json` next to the export (`RUN/export` -> `RUN/`) when there is
 one, else the defaults; `KEY=VALUE` overrides (Hydra syntax) go on top, so the held-out split is the one the run
 trained beside. The result is the phase-end check's `eval.json` (decode/evaluate.py `phase_end_eval`), written
-into `--out` (default: the export folder).
+into `--out` (default: the export folder). `--light` runs the light check of intermediate exports instead
+(`ar2diff.evaluation.light_check`: held-out losses, teacher-forced agreement by draft offset, greedy lossless
+against AR on `decoder.light_prompts` prompts) into `light_eval.json`: what an ablation sweep compares its runs by.
 
 `--tasks` runs lm-eval-harness (`pip install 'ar2diff[lm_eval]'`; `ar2diff.evaluation.lm_eval_model`): loglikelihood
 from the AR stream, generation through an ar2diff sampler (`--sampler ar|lossless|mixing --mix-weight W`), tokens
@@ -35,6 +38,7 @@ from ar2diff.cli_errors import USER_ERRORS, report
 from ar2diff.config.compose import compose, to_phase_config
 from ar2diff.data.loader import load_packed
 from ar2diff.data.tokenizer import load_tokenizer
+from ar2diff.evaluation.light_check import light_check
 from ar2diff.evaluation.phase_end import default_device, phase_end_eval
 from ar2diff.export_format import VERIFY_ENV, check_weights
 from ar2diff.fs import write_json_atomic
@@ -50,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a resolved_config.json (default: the one beside the export)")
     p.add_argument("--out", default=None, help="folder for eval.json and plots (default: the export folder)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness task (or group) names")
+    p.add_argument("--light", action="store_true",
+                   help="the light check (losses, agreement by offset, greedy TPF) instead of the phase-end check")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="load the export without re-hashing its files against the sha256 recorded at export")
     tasks = p.add_argument_group("lm-eval-harness (with --tasks)")
@@ -93,6 +99,18 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_light(result: dict) -> str:
+    g, agree = result["greedy"], result["agreement_by_offset"]
+    tpf = g["tokens_per_forward"]
+    return "\n".join([
+        f"held-out loss: AR {result['heldout']['loss_ar']:.4f}, diffusion {result['heldout']['loss_diff']:.4f}",
+        "teacher-forced argmax agreement by draft offset: " + " ".join(f"{a:.3f}" for a in agree["argmax_agree"])
+        + f" (mean over drafts {agree['mean_over_drafts']['argmax_agree']:.3f})",
+        f"greedy lossless on {g['prompts']} prompts: {tpf['tokens_per_forward']:.3f} tokens/forward "
+        f"[{tpf['low']:.3f}, {tpf['high']:.3f}], {g['speedup_wall']:.2f}x AR in wall-clock, "
+        f"agrees with AR on {g['agreement_tokens']:.3f} of tokens"])
+
+
 def run_lm_eval(args) -> dict:
     """lm-eval-harness tasks on the export; writes and returns the report."""
     try:
@@ -126,6 +144,11 @@ def evaluate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(checkpoint))
     data = SimpleNamespace(heldout=load_packed(cfg.data, tokenizer, "heldout"))
+    if args.light:
+        result = light_check(cfg=cfg, export_dir=checkpoint, heldout=data.heldout, tokenizer=tokenizer,
+                             device=default_device(), out_dir=out)
+        print(format_light(result))
+        return result
     logger = RunLogger(out, 0, name=f"evaluate:{checkpoint.name}", group=None, config={}, wandb_cfg=None)
     result = phase_end_eval(cfg=cfg, export_dir=checkpoint, run_dir=out, logger=logger, step=meta.get("step") or 0,
                             data=data, tokenizer=tokenizer, rank=0)

@@ -41,3 +41,17 @@ def test_incomplete_export_is_a_one_line_error(export, tmp_path, capsys):
     assert main(["--checkpoint", str(export)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{weights} is missing or has the wrong size" in err
+
+
+def test_light_runs_the_light_check_into_out_and_prints_its_numbers(export, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(export), "--out", str(out), "--light", f"data.cache_dir={tmp_path / 'c'}", *DATA,
+            "decoder.light_prompts=2"]
+    assert main(args) == 0
+    result = json.loads((out / "light_eval.json").read_text())
+    assert not (out / "eval.json").exists() and not (export / "light_eval.json").exists()
+    assert result["step"] == 7 and result["greedy"]["prompts"] == 2
+    assert result["greedy"]["agreement_tokens"] == 1.0  # fp32 greedy lossless equals AR
+    assert len(result["agreement_by_offset"]["argmax_agree"]) == 4  # objective.block_size=4
+    printed = capsys.readouterr().out
+    assert f"{result['heldout']['loss_ar']:.4f}" in printed and "tokens/forward" in printed

@@ -29,9 +29,9 @@ from ar2diff.objective import TidarObjective
 LIGHT_EVAL = "light_eval.json"
 
 
-def light_check(*, cfg, export_dir, heldout, tokenizer, device=None) -> dict:
-    """The numbers above for the export in `export_dir` (loaded in the phase's dtype); written to its
-    light_eval.json and returned. heldout: the phase's held-out `PackedDataset`."""
+def light_check(*, cfg, export_dir, heldout, tokenizer, device=None, out_dir=None) -> dict:
+    """The numbers above for the export in `export_dir` (loaded in the phase's dtype); written to light_eval.json in
+    `out_dir` (default: the export folder) and returned. heldout: the phase's held-out `PackedDataset`."""
     start = time.perf_counter()
     dcfg, o = cfg.decoder, cfg.objective
     lm = load_export(export_dir, dtype=getattr(torch, cfg.model.dtype), device=device, with_tokenizer=False).tidar()
@@ -63,7 +63,7 @@ def light_check(*, cfg, export_dir, heldout, tokenizer, device=None) -> dict:
                    "agreement_tokens": agreement(results["ar"], results["lossless"])[0]},
         "dtype": cfg.model.dtype, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start,
     }
-    write_json_atomic(Path(export_dir) / LIGHT_EVAL, out)
+    write_json_atomic(Path(out_dir or export_dir) / LIGHT_EVAL, out)
     return out
 
 
