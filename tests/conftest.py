@@ -29,6 +29,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: two workers share the cores, so each runs one thread, and
+    # so does every process a test launches (two torch processes with several OpenMP threads each on 2 cores run
+    # 10-20x slower); multi-rank launches already run one thread per rank
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 LAUNCH_MARKERS = ("dist", "e2e")
 
 # Libraries that run a helper program from inside an in-process call: that is not a process the test launches, so
@@ -196,13 +202,29 @@ def rank_jobs(request, tmp_path_factory) -> Path:
     """The output folder of one `torchrun --nproc_per_node 2 tests/rank_jobs.py` launch that runs every 2-rank worker
     job this session's tests need: a test module that uses this fixture names its jobs in `RANK_JOBS` (job ->
     arguments, see tests/rank_jobs.py); only the jobs of the selected tests run."""
+    from filelock import FileLock
     from launch import failure_log, run_ranks
 
     jobs: dict = {}
-    for item in request.session.items:
+    for item in request.session.items:  # under pytest-xdist every worker collects the whole selection: same jobs
         if "rank_jobs" in getattr(item, "fixturenames", ()):
             jobs.update(getattr(item.module, "RANK_JOBS", {}))
-    out = tmp_path_factory.mktemp("rank-jobs")
+    # one launch for the whole run: under pytest-xdist the first worker to get here launches, the others wait for it
+    # and read its folder (the temporary root is shared by the workers, one level up from each worker's own)
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if shared is None:
+        return _launch_rank_jobs(tmp_path_factory.mktemp("rank-jobs"), jobs, run_ranks, failure_log)
+    out, done = shared / "rank-jobs", shared / "rank-jobs.done"
+    with FileLock(str(shared / "rank-jobs.lock")):
+        if not done.is_file():
+            _launch_rank_jobs(out, jobs, run_ranks, failure_log)
+            done.write_text(json.dumps(jobs))
+    assert json.loads(done.read_text()) == jobs, "the workers' sessions asked for different rank jobs"
+    return out
+
+
+def _launch_rank_jobs(out: Path, jobs: dict, run_ranks, failure_log) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in RANK_ENV and not k.startswith("TORCHELASTIC")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ar2diff" / "torch_extensions"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("device-check") / "device_check.json"
     proc = subprocess.run([sys.executable, "-c", BARE, str(ROOT / "scripts" / "device_check.py"), "--small",
                            "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          cwd=out.parent, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+                          cwd=out.parent, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[decoder_step]" in proc.stdout  # the tables are printed
     return json.loads(out.read_text())

@@ -123,7 +123,7 @@ def test_a_pytest_run_fails_unmarked_launches_in_bodies_and_fixtures_of_any_scop
             e2e: end to end
     """))
     (tmp_path / "test_inner.py").write_text(INNER_TESTS)
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS" and not k.startswith("PYTEST_XDIST")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     outcomes = {}
