@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ar2diff.config.compose import compose
 from ar2diff.config.data import TOKEN_KINDS, DataConfig, SourceConfig
+from ar2diff.config.hydra_errors import hydra_error_line
 from ar2diff.data.tokenfile import build_index, index_folder, load_index, source_files
 from ar2diff.data.tokenizer import resolve_tokenizer
 from ar2diff.fs import DiskFull
@@ -261,27 +262,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                PermissionError, DiskFull)
 
 
-def config_error_line(err: BaseException) -> str:
-    """A Hydra/OmegaConf composition error (unknown key, missing option, bad override) on one line naming the key,
-    option or override, as `python -m ar2diff.train` words it (cli_errors.hydra_error_line, a layer above data)."""
-    noise = ("full_key:", "reference_type=", "object_type=", "See https://", "LexerNoViableAltException:")
-    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not set(line.strip()) <= {"^"}]
-    override = getattr(err, "override", None)
-    if override is not None:  # OverrideParseException
-        detail = next((line for line in lines if not line.startswith(noise + ("Error parsing override",))),
-                      "invalid syntax")
-        return f"cannot parse the override {override!r}: {detail}"
-    head = lines[0].rstrip(".") if lines else type(err).__name__
-    options, missing = getattr(err, "options", None), getattr(err, "missing_cfg_file", None)
-    if options and missing:  # MissingConfigException: the options instead of Hydra's search path
-        return f"{head}; available options in '{missing.rsplit('/', 1)[0]}': {', '.join(options)}"
-    cause = err.__cause__ or err.__context__
-    if cause is not None and str(cause).strip():
-        head += f": {str(cause).strip().splitlines()[0]}"
-    hints = [line[:1].lower() + line[1:] for line in lines[1:] if not line.startswith(noise)]
-    return "; ".join([head, *hints])
-
-
 def cli(argv: list[str] | None = None) -> int:
     """The command line: usage for -h/--help (exit 0); a user error is one line on stderr (exit 1)."""
     from hydra.errors import HydraException
@@ -297,7 +277,7 @@ def cli(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         message = str(err)
     except (HydraException, OmegaConfBaseException) as err:
-        message = config_error_line(err)
+        message = hydra_error_line(err)
     else:
         return 0
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
