@@ -99,8 +99,6 @@ def report(prog: str, err: BaseException, rank: int | None = None) -> int:
     return 1
 
 
-
-
 @contextlib.contextmanager
 def hydra_errors_in_one_line(prog: str):
     """Around `@hydra.main`: a composition error exits 1 with one line on rank 0 (other ranks exit 1 silently).
